@@ -1,0 +1,25 @@
+"""contrastive_tf: SimCLR / SimCLRv2 in Keras 3 on TensorFlow."""
+
+from contrastive_tf import augment, backbones, distribution, heads, losses
+from contrastive_tf.augment import SimCLRAugmenter
+from contrastive_tf.backbones import resnet
+from contrastive_tf.heads import ProjectionHead
+from contrastive_tf.losses import distillation_loss, nt_xent, nt_xent_with_accuracy
+from contrastive_tf.model import SimCLR
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ProjectionHead",
+    "SimCLR",
+    "SimCLRAugmenter",
+    "augment",
+    "backbones",
+    "distillation_loss",
+    "distribution",
+    "heads",
+    "losses",
+    "nt_xent",
+    "nt_xent_with_accuracy",
+    "resnet",
+]

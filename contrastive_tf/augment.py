@@ -1,0 +1,356 @@
+"""SimCLR's two-view augmentation and the evaluation preprocessing.
+
+`SimCLRAugmenter` turns a batch of images into one random view per call;
+calling it twice gives the positive pair. It runs inside the model's graph,
+vectorised over the batch, so the data pipeline can ship uint8 images.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import keras
+import keras_cv
+import tensorflow as tf
+
+from contrastive_tf import distribution
+
+# ITU-R 601 luma weights, as tf.image.rgb_to_grayscale uses.
+_LUMA = (0.2989, 0.5870, 0.1140)
+
+
+def _pair(value, name: str) -> tuple[int, int]:
+    if isinstance(value, int):
+        value = (value, value)
+    value = tuple(int(v) for v in value)
+    if len(value) != 2 or min(value) <= 0:
+        raise ValueError(
+            f"Expected {name} to be a positive int or a pair of them. "
+            f"Received: {name}={value}")
+    return value
+
+
+def _range(value, name: str, low: float, high: float | None) -> tuple[float, float]:
+    value = tuple(float(v) for v in value)
+    if (len(value) != 2 or value[0] > value[1] or value[0] < low
+            or (high is not None and value[1] > high)):
+        bound = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(
+            f"Expected {name} to be (min, max) with min <= max within {bound}. "
+            f"Received: {name}={value}")
+    return value
+
+
+def _probability(value: float, name: str) -> float:
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(
+            f"Expected {name} in [0, 1]. Received: {name}={value}")
+    return value
+
+
+def to_float_images(images) -> tf.Tensor:
+    """Converts uint8/uint16 images to float32 in [0, 1]; floats are kept.
+
+    Float inputs are taken to be in [0, 1] already and are clipped there.
+    """
+    images = tf.convert_to_tensor(images)
+    if images.dtype.is_integer:
+        scale = float(images.dtype.max)
+        return tf.cast(images, tf.float32) / scale
+    return tf.clip_by_value(tf.cast(images, tf.float32), 0.0, 1.0)
+
+
+def grayscale(images: tf.Tensor) -> tf.Tensor:
+    """Luma of RGB images, kept at the same channel count."""
+    channels = images.shape[-1]
+    if channels == 1:
+        return images
+    luma = tf.reduce_sum(images * tf.constant(_LUMA, images.dtype), axis=-1,
+                         keepdims=True)
+    return tf.tile(luma, [1, 1, 1, channels])
+
+
+def center_crop_and_resize(images: tf.Tensor, size: tuple[int, int],
+                           crop_fraction: float) -> tf.Tensor:
+    """Central crop of `crop_fraction` of each side, resized to `size`."""
+    if crop_fraction < 1.0:
+        images = tf.image.central_crop(images, crop_fraction)
+    if tuple(images.shape[1:3]) != tuple(size):
+        images = tf.image.resize(images, size, method="bilinear")
+    return tf.clip_by_value(images, 0.0, 1.0)
+
+
+@keras.saving.register_keras_serializable(package="contrastive_tf")
+class SimCLRAugmenter(keras.layers.Layer):
+    """One random SimCLR view of each image in a batch.
+
+    In order: random resized crop (KerasCV `RandomCropAndResize`), horizontal
+    flip (Keras `RandomFlip`), colour jitter with probability
+    `jitter_probability` (brightness, contrast, saturation, hue in a random
+    order per image, clipped to [0, 1] after each), grayscale with
+    probability `grayscale_probability`, optional Gaussian blur and optional
+    solarisation. Every step is vectorised over the batch; every call draws
+    fresh randomness, so calling the layer twice gives a positive pair.
+
+    With `training=False` it applies the evaluation preprocessing instead: a
+    central crop of 0.875 (none for images of 32 px or less) resized to
+    `image_size`.
+
+    Grayscale (1-channel) images are accepted: brightness and contrast apply,
+    saturation, hue and grayscale are no-ops, and the output keeps 1 channel.
+
+    Args:
+        image_size: output side, int or `(height, width)`.
+        crop_area: range of the crop's area fraction. Defaults to
+            `(0.08, 1.0)`.
+        aspect_ratio: range of the crop's aspect ratio. Defaults to
+            `(3/4, 4/3)`.
+        flip: random horizontal flip with p = 0.5. Defaults to `True`.
+        color_strength: colour distortion strength `s` (1.0 ImageNet, 0.5
+            CIFAR). Brightness, contrast and saturation factors are drawn from
+            U(max(0, 1 - 0.8s), 1 + 0.8s), the hue shift from U(-0.2s, 0.2s).
+            Defaults to `0.5`.
+        jitter_probability: probability of colour jitter. Defaults to `0.8`.
+        grayscale_probability: probability of grayscale. Defaults to `0.2`.
+        blur: apply Gaussian blur with probability `blur_probability`.
+            Defaults to `False` (the CIFAR recipe; ImageNet turns it on).
+        blur_probability: Defaults to `0.5`.
+        blur_sigma: range of the blur's sigma in pixels. Defaults to
+            `(0.1, 2.0)`.
+        solarize_probability: probability of solarisation (not part of
+            SimCLR; BYOL uses 0.2). Defaults to `0.0`.
+        seed: optional int seed for reproducible views.
+
+    Call arguments:
+        images: `(batch, height, width, channels)` uint8, uint16 or float
+            (float in [0, 1]) images with 1 or 3 channels.
+        training: augment when true (default), preprocess for evaluation when
+            false.
+
+    Returns:
+        float32 images in [0, 1] of shape `(batch, *image_size, channels)`.
+
+    Example:
+    >>> augmenter = SimCLRAugmenter(image_size=32, seed=1)
+    >>> images = tf.zeros((4, 32, 32, 3), tf.uint8)
+    >>> view1, view2 = augmenter(images), augmenter(images)
+
+    References:
+        - [Chen et al., 2020](https://arxiv.org/abs/2002.05709), appendix A.
+    """
+
+    def __init__(self,
+                 image_size: int | Sequence[int],
+                 crop_area: Sequence[float] = (0.08, 1.0),
+                 aspect_ratio: Sequence[float] = (3 / 4, 4 / 3),
+                 flip: bool = True,
+                 color_strength: float = 0.5,
+                 jitter_probability: float = 0.8,
+                 grayscale_probability: float = 0.2,
+                 blur: bool = False,
+                 blur_probability: float = 0.5,
+                 blur_sigma: Sequence[float] = (0.1, 2.0),
+                 solarize_probability: float = 0.0,
+                 seed: int | None = None,
+                 **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.image_size = _pair(image_size, "image_size")
+        self.crop_area = _range(crop_area, "crop_area", 0.0, 1.0)
+        if self.crop_area[0] <= 0:
+            raise ValueError(
+                f"Expected crop_area > 0. Received: crop_area={self.crop_area}")
+        self.aspect_ratio = _range(aspect_ratio, "aspect_ratio", 1e-3, None)
+        self.flip = bool(flip)
+        self.color_strength = float(color_strength)
+        if self.color_strength < 0:
+            raise ValueError("Expected color_strength >= 0. Received: "
+                             f"color_strength={color_strength}")
+        self.jitter_probability = _probability(jitter_probability,
+                                               "jitter_probability")
+        self.grayscale_probability = _probability(grayscale_probability,
+                                                  "grayscale_probability")
+        self.blur = bool(blur)
+        self.blur_probability = _probability(blur_probability,
+                                             "blur_probability")
+        self.blur_sigma = _range(blur_sigma, "blur_sigma", 1e-6, None)
+        self.solarize_probability = _probability(solarize_probability,
+                                                 "solarize_probability")
+        self.seed = seed
+        # Kernel of about 10% of the side, odd, as in the reference.
+        self.blur_radius = max(1, min(self.image_size) // 10 // 2)
+        self.eval_crop_fraction = 1.0 if max(self.image_size) <= 32 else 0.875
+
+        self._crop = keras_cv.layers.RandomCropAndResize(
+            target_size=self.image_size,
+            # Separate samplers with distinct seeds: KerasCV would otherwise
+            # seed both with `seed`, making area and aspect ratio identical
+            # draws (perfectly correlated) whenever a seed is given.
+            crop_area_factor=keras_cv.core.UniformFactorSampler(
+                *self.crop_area, seed=seed),
+            aspect_ratio_factor=keras_cv.core.UniformFactorSampler(
+                *self.aspect_ratio, seed=None if seed is None else seed + 1),
+            interpolation="bilinear",
+            seed=seed,
+            dtype="float32")
+        self._flip = (keras.layers.RandomFlip("horizontal", seed=seed,
+                                              dtype="float32")
+                      if self.flip else None)
+        self._seed_generator = keras.random.SeedGenerator(
+            seed if seed is not None else None)
+        # KerasCV's crop draws from a stateful tf.random.Generator, which XLA
+        # cannot compile.
+        self.supports_jit = False
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        if channels not in (1, 3):
+            raise ValueError(
+                "SimCLRAugmenter expects images with 1 or 3 channels. "
+                f"Received input shape {tuple(input_shape)}")
+        self.built = True
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], *self.image_size, input_shape[-1])
+
+    def call(self, images, training=True):
+        images = to_float_images(images)
+        if images.shape.rank != 4:
+            raise ValueError("SimCLRAugmenter expects a batch of images "
+                             "(batch, height, width, channels). Received "
+                             f"shape {images.shape}")
+        if not training:
+            return center_crop_and_resize(images, self.image_size,
+                                          self.eval_crop_fraction)
+        seeds = tf.random.experimental.stateless_split(
+            distribution.replica_seed(self._seed_generator.next()), num=8)
+        batch = tf.shape(images)[0]
+
+        views = self._crop(images, training=True)
+        if self._flip is not None:
+            views = self._flip(views, training=True)
+        views = tf.clip_by_value(views, 0.0, 1.0)
+        if self.jitter_probability > 0 and self.color_strength > 0:
+            jittered = self._color_jitter(views, seeds[0], seeds[1])
+            views = self._where_per_image(
+                self._bernoulli(seeds[2], batch, self.jitter_probability),
+                jittered, views)
+        if self.grayscale_probability > 0 and views.shape[-1] == 3:
+            views = self._where_per_image(
+                self._bernoulli(seeds[3], batch, self.grayscale_probability),
+                grayscale(views), views)
+        if self.blur and self.blur_probability > 0:
+            sigma = tf.random.stateless_uniform(
+                [batch], seeds[4], self.blur_sigma[0], self.blur_sigma[1])
+            views = self._where_per_image(
+                self._bernoulli(seeds[5], batch, self.blur_probability),
+                self._gaussian_blur(views, sigma), views)
+        if self.solarize_probability > 0:
+            views = self._where_per_image(
+                self._bernoulli(seeds[6], batch, self.solarize_probability),
+                tf.where(views < 0.5, views, 1.0 - views), views)
+        return views
+
+    # -- vectorised pieces -------------------------------------------------
+
+    @staticmethod
+    def _bernoulli(seed, batch, probability):
+        return tf.random.stateless_uniform([batch], seed) < probability
+
+    @staticmethod
+    def _where_per_image(mask, if_true, if_false):
+        return tf.where(tf.reshape(mask, [-1, 1, 1, 1]), if_true, if_false)
+
+    def _color_jitter(self, images, factor_seed, order_seed):
+        """Jitter ops in a random order per image, clipping after each."""
+        batch = tf.shape(images)[0]
+        strength = 0.8 * self.color_strength
+        low, high = max(0.0, 1.0 - strength), 1.0 + strength
+        rgb = images.shape[-1] == 3
+        count = 4 if rgb else 2
+        factor_seed, hue_seed = tf.unstack(
+            tf.random.experimental.stateless_split(factor_seed, num=2))
+        factors = tf.random.stateless_uniform([3, batch], factor_seed,
+                                              low, high)
+        hue_shift = tf.random.stateless_uniform(
+            [batch], hue_seed, -0.2 * self.color_strength,
+            0.2 * self.color_strength)
+        per_image = lambda v: tf.reshape(v, [-1, 1, 1, 1])  # noqa: E731
+
+        def brightness(x):
+            return x * per_image(factors[0])
+
+        def contrast(x):
+            mean = tf.reduce_mean(x, axis=[1, 2], keepdims=True)
+            return (x - mean) * per_image(factors[1]) + mean
+
+        def saturation(x):
+            gray = grayscale(x)
+            return gray + (x - gray) * per_image(factors[2])
+
+        def hue(x):
+            hsv = tf.image.rgb_to_hsv(x)
+            h = tf.math.floormod(hsv[..., 0] + tf.reshape(hue_shift, [-1, 1, 1]),
+                                 1.0)
+            return tf.image.hsv_to_rgb(tf.stack([h, hsv[..., 1], hsv[..., 2]],
+                                                axis=-1))
+
+        transforms = [brightness, contrast, saturation, hue][:count]
+        order = tf.argsort(
+            tf.random.stateless_uniform([batch, count], order_seed), axis=-1)
+        for step in range(count):
+            chosen = tf.reshape(order[:, step], [-1, 1, 1, 1])
+            out = images
+            for index, transform in enumerate(transforms):
+                out = tf.where(chosen == index,
+                               tf.clip_by_value(transform(images), 0.0, 1.0),
+                               out)
+            images = out
+        return images
+
+    def _gaussian_blur(self, images, sigma):
+        """Separable Gaussian blur with a different sigma per image."""
+        radius = self.blur_radius
+        taps = tf.range(-radius, radius + 1, dtype=tf.float32)
+        kernel = tf.exp(-tf.square(taps)[None, :] /
+                        (2.0 * tf.square(sigma)[:, None]))
+        kernel = kernel / tf.reduce_sum(kernel, axis=1, keepdims=True)
+        shape = tf.shape(images)
+        batch, height, width = shape[0], shape[1], shape[2]
+        channels = images.shape[-1]
+        # Fold the batch into channels so one depthwise conv blurs every image
+        # with its own kernel.
+        stacked = tf.reshape(tf.transpose(images, [1, 2, 0, 3]),
+                             [1, height, width, batch * channels])
+        kernel = tf.repeat(kernel, channels, axis=0)  # (batch*channels, taps)
+        kernel = tf.transpose(kernel)
+        vertical = tf.reshape(kernel, [2 * radius + 1, 1, -1, 1])
+        horizontal = tf.reshape(kernel, [1, 2 * radius + 1, -1, 1])
+        padded = tf.pad(stacked, [[0, 0], [radius, radius], [0, 0], [0, 0]],
+                        mode="REFLECT")
+        stacked = tf.nn.depthwise_conv2d(padded, vertical, [1, 1, 1, 1], "VALID")
+        padded = tf.pad(stacked, [[0, 0], [0, 0], [radius, radius], [0, 0]],
+                        mode="REFLECT")
+        stacked = tf.nn.depthwise_conv2d(padded, horizontal, [1, 1, 1, 1],
+                                         "VALID")
+        out = tf.reshape(stacked, [height, width, batch, channels])
+        return tf.transpose(out, [2, 0, 1, 3])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({
+            "image_size": list(self.image_size),
+            "crop_area": list(self.crop_area),
+            "aspect_ratio": list(self.aspect_ratio),
+            "flip": self.flip,
+            "color_strength": self.color_strength,
+            "jitter_probability": self.jitter_probability,
+            "grayscale_probability": self.grayscale_probability,
+            "blur": self.blur,
+            "blur_probability": self.blur_probability,
+            "blur_sigma": list(self.blur_sigma),
+            "solarize_probability": self.solarize_probability,
+            "seed": self.seed,
+        })
+        return config

@@ -1,0 +1,496 @@
+"""Data sources and tf.data pipelines.
+
+One entry point, `load(spec, split)`, turns a dataset spec into a `Source`;
+`pipeline(source, batch_size, ...)` turns a source into batches of uint8
+images (and labels) for `model.fit` -- augmentation runs inside the model.
+
+Specs:
+    embedded                 ~10k/2k class-balanced Fashion-MNIST shipped in
+                             the package (the default; no network, no install)
+    fashion_mnist            the full 60k/10k set, found offline
+    tfds:<name>[:<config>]   any TFDS image classification dataset
+    folder:<path>            your own images: one subfolder per class, or a
+                             flat folder of unlabelled images
+Arrays: `from_arrays(images, labels)`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import gzip
+import hashlib
+import json
+import logging
+import os
+import struct
+from typing import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+EMBEDDED_PATH = os.path.join(_HERE, "datasets", "fashion_mnist_embedded.npz")
+DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = ("t-shirt/top", "trouser", "pullover", "dress", "coat",
+                         "sandal", "shirt", "sneaker", "bag", "ankle boot")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+_IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used, with the reason and the place."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """A dataset split: in-memory arrays or a streaming tf.data.Dataset.
+
+    Attributes:
+        spec: the spec it was loaded from.
+        split: the split name.
+        num_examples: number of images.
+        class_names: names of the classes, index = label; empty if unlabelled.
+        images: `(n, h, w, c)` uint8, for in-memory sources.
+        labels: `(n,)` int32 or None (unlabelled).
+        dataset: unbatched `(image, label)` dataset for streaming sources.
+        skipped: files that could not be decoded and were left out.
+    """
+    spec: str
+    split: str
+    num_examples: int
+    class_names: tuple[str, ...] = ()
+    images: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    dataset: tf.data.Dataset | None = None
+    skipped: tuple[str, ...] = ()
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def labelled(self) -> bool:
+        return self.labels is not None or (self.dataset is not None
+                                           and self.num_classes > 0)
+
+    @property
+    def image_shape(self) -> tuple[int, ...] | None:
+        if self.images is not None:
+            return tuple(self.images.shape[1:])
+        spec = self.dataset.element_spec[0]
+        return tuple(spec.shape)
+
+    def subset(self, indices: Sequence[int]) -> "Source":
+        """The in-memory examples at `indices`."""
+        if self.images is None:
+            raise DataError(f"{self.spec}: subsets need an in-memory source")
+        indices = np.asarray(indices, dtype=np.int64)
+        return dataclasses.replace(
+            self, images=self.images[indices],
+            labels=None if self.labels is None else self.labels[indices],
+            num_examples=len(indices))
+
+
+# -- sources -----------------------------------------------------------------
+
+def from_arrays(images, labels=None, class_names: Sequence[str] | None = None,
+                spec: str = "arrays", split: str = "train") -> Source:
+    """A source from NumPy arrays of images `(n, h, w[, c])` and labels."""
+    images = np.asarray(images)
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise DataError(f"{spec}: expected images of shape (n, h, w, 1 or 3), "
+                        f"got {images.shape}")
+    if images.shape[0] == 0:
+        raise DataError(f"{spec}: no images")
+    if images.dtype != np.uint8:
+        if np.issubdtype(images.dtype, np.floating):
+            if images.min() < 0 or images.max() > 1:
+                raise DataError(f"{spec}: float images must lie in [0, 1], got "
+                                f"[{images.min()}, {images.max()}]")
+            images = np.round(images * 255).astype(np.uint8)
+        else:
+            raise DataError(f"{spec}: expected uint8 or float images, got "
+                            f"{images.dtype}")
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != (images.shape[0],):
+            raise DataError(f"{spec}: expected {images.shape[0]} labels, got "
+                            f"shape {labels.shape}")
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise DataError(f"{spec}: labels must be integers, got {labels.dtype}")
+        labels = labels.astype(np.int32)
+        count = len(class_names) if class_names else int(labels.max()) + 1
+        bad = labels[(labels < 0) | (labels >= count)]
+        if bad.size:
+            raise DataError(f"{spec}: labels out of range [0, {count}): "
+                            f"{sorted(set(bad.tolist()))[:10]}")
+        class_names = tuple(class_names or (str(i) for i in range(count)))
+    return Source(spec=spec, split=split, num_examples=int(images.shape[0]),
+                  class_names=tuple(class_names or ()), images=images,
+                  labels=labels)
+
+
+def read_idx(path: str) -> np.ndarray:
+    """Reads an IDX file (as Fashion-MNIST ships it), gzipped or not."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 8:
+        raise DataError(f"{path}: not an IDX file of unsigned bytes")
+    ndim = raw[3]
+    dims = struct.unpack(">" + "I" * ndim, raw[4:4 + 4 * ndim])
+    body = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise DataError(f"{path}: expected {int(np.prod(dims))} values for "
+                        f"shape {dims}, found {body.size} (truncated?)")
+    return body.reshape(dims)
+
+
+def read_fashion_mnist_dir(directory: str, split: str):
+    """Images `(n, 28, 28, 1)` uint8 and labels of one split from IDX files."""
+    if split not in _IDX_FILES:
+        raise DataError(f"fashion_mnist: unknown split {split!r}; use "
+                        f"{sorted(_IDX_FILES)}")
+    paths = []
+    for stem in _IDX_FILES[split]:
+        found = [os.path.join(directory, stem + ext) for ext in (".gz", "")
+                 if os.path.exists(os.path.join(directory, stem + ext))]
+        if not found:
+            raise DataError(f"fashion_mnist: {stem}[.gz] not found in {directory}")
+        paths.append(found[0])
+    images, labels = read_idx(paths[0]), read_idx(paths[1])
+    if images.shape[0] != labels.shape[0]:
+        raise DataError(f"fashion_mnist: {images.shape[0]} images but "
+                        f"{labels.shape[0]} labels in {directory}")
+    return images[..., None], labels.astype(np.int32)
+
+
+def load_embedded(split: str = "train") -> Source:
+    """The class-balanced Fashion-MNIST subset shipped in the package."""
+    if split not in ("train", "test"):
+        raise DataError(f"embedded: unknown split {split!r}; use 'train' or 'test'")
+    with np.load(EMBEDDED_PATH) as arrays:
+        images = arrays[f"{split}_images"][..., None]
+        labels = arrays[f"{split}_labels"].astype(np.int32)
+    return from_arrays(images, labels, FASHION_MNIST_CLASSES, "embedded", split)
+
+
+def _fashion_mnist_dirs(data_dir: str | None):
+    if data_dir:
+        yield data_dir
+        yield os.path.join(data_dir, "fashion-mnist")
+    yield DEBIAN_FASHION_MNIST_DIR
+    yield os.path.join(os.path.expanduser("~"), ".keras", "datasets",
+                       "fashion-mnist")
+
+
+def load_fashion_mnist(split: str = "train", data_dir: str | None = None) -> Source:
+    """The full Fashion-MNIST from the first place it is found.
+
+    Looks in `data_dir`, Debian's `dataset-fashion-mnist` package, the Keras
+    cache (`~/.keras/datasets/fashion-mnist`), then prepared TFDS data.
+    """
+    tried = []
+    for directory in _fashion_mnist_dirs(data_dir):
+        tried.append(directory)
+        if os.path.isdir(directory):
+            try:
+                images, labels = read_fashion_mnist_dir(directory, split)
+            except DataError:
+                continue
+            return from_arrays(images, labels, FASHION_MNIST_CLASSES,
+                               "fashion_mnist", split)
+    try:
+        return load_tfds("fashion_mnist", split, data_dir=data_dir)
+    except DataError as error:
+        raise DataError(
+            "fashion_mnist: not found. Looked in " + ", ".join(tried) +
+            f" and TFDS ({error}). Install it with `apt-get install "
+            "dataset-fashion-mnist` or pass data_dir= a folder with the four "
+            "IDX files.") from None
+
+
+def load_tfds(name: str, split: str = "train", data_dir: str | None = None,
+              download: bool = False) -> Source:
+    """A TFDS image classification dataset as a streaming source.
+
+    Without `download=True` the data must already be prepared under
+    `data_dir` (or TFDS' default folder): nothing is fetched, and a missing
+    dataset fails at once with instructions.
+    """
+    import tensorflow_datasets as tfds
+
+    dataset_name = name.split(":")[0]
+    if dataset_name not in tfds.list_builders():
+        raise DataError(f"tfds:{name}: no TFDS dataset called {dataset_name!r}")
+    try:
+        builder = tfds.builder(name.replace(":", "/"), data_dir=data_dir)
+    except Exception as error:  # tfds raises several types for bad names
+        raise DataError(f"tfds:{name}: {error}") from None
+    if not download and not tf.io.gfile.exists(
+            os.path.join(builder.data_dir, "dataset_info.json")):
+        raise DataError(
+            f"tfds:{name}: not prepared under {builder.data_dir}. On a machine "
+            f"with network run `tfds build {dataset_name} --data_dir=DIR` (or "
+            f"tfds.builder('{name}', data_dir=DIR).download_and_prepare()), "
+            "copy DIR here and pass data_dir=DIR; or pass download=True.")
+    if download:
+        builder.download_and_prepare()
+    features = builder.info.features
+    if "image" not in features:
+        raise DataError(f"tfds:{name}: has no 'image' feature")
+    label_names = ()
+    if "label" in features and hasattr(features["label"], "names"):
+        label_names = tuple(features["label"].names)
+    try:
+        num_examples = builder.info.splits[split].num_examples
+    except KeyError:
+        raise DataError(f"tfds:{name}: no split {split!r}; has "
+                        f"{sorted(builder.info.splits)}") from None
+    dataset = builder.as_dataset(split=split, shuffle_files=False)
+    if label_names:
+        dataset = dataset.map(lambda e: (e["image"], tf.cast(e["label"], tf.int32)))
+    else:
+        dataset = dataset.map(lambda e: (e["image"], tf.constant(-1, tf.int32)))
+    return Source(spec=f"tfds:{name}", split=split, num_examples=num_examples,
+                  class_names=label_names, dataset=dataset)
+
+
+def _decode_file(path: str, size: int, channels: int) -> np.ndarray:
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as image:
+        image.load()
+        if image.width == 0 or image.height == 0:
+            raise OSError("zero-size image")
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+            wide = np.asarray(image, dtype=np.float64)
+            top = 65535.0 if image.mode.startswith("I;16") or wide.max() > 255 else 255.0
+            image = Image.fromarray(np.clip(wide / top * 255 + 0.5, 0, 255)
+                                    .astype(np.uint8), "L")
+        if image.mode in ("RGBA", "LA", "P", "PA"):
+            image = image.convert("RGBA")
+            background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(background, image)
+        image = image.convert("L" if channels == 1 else "RGB")
+        image = ImageOps.fit(image, (size, size), Image.Resampling.BICUBIC)
+        array = np.asarray(image, dtype=np.uint8)
+    return array.reshape(size, size, channels)
+
+
+def load_folder(path: str, image_size: int, channels: int = 3,
+                split: str = "all", test_fraction: float = 0.0, seed: int = 0,
+                strict: bool = False) -> Source:
+    """Your own images: class subfolders (labelled) or a flat folder.
+
+    Every image is decoded once (JPEG/PNG/BMP/GIF; gray, RGB, RGBA, palette,
+    16-bit), centre-cropped to a square, resized to `image_size` and kept in
+    memory as uint8. Files that cannot be decoded are skipped and named in a
+    warning, or raise with `strict=True`.
+
+    Args:
+        path: the folder.
+        image_size: side of the square images returned.
+        channels: 1 or 3. Defaults to 3.
+        split: "all", or "train"/"test" for a split by `test_fraction`.
+        test_fraction: share of each class held out as "test".
+        seed: seed of that split.
+        strict: raise on any undecodable file instead of skipping it.
+    """
+    if not os.path.isdir(path):
+        raise DataError(f"folder:{path}: no such directory")
+    if channels not in (1, 3):
+        raise DataError(f"folder:{path}: channels must be 1 or 3, got {channels}")
+    if split not in ("all", "train", "test"):
+        raise DataError(f"folder:{path}: unknown split {split!r}")
+    entries = sorted(os.listdir(path))
+    subdirs = [e for e in entries if os.path.isdir(os.path.join(path, e))
+               and not e.startswith(".")]
+
+    def images_in(directory):
+        return sorted(os.path.join(directory, f) for f in os.listdir(directory)
+                      if f.lower().endswith(IMAGE_EXTENSIONS))
+
+    if subdirs:
+        class_names = tuple(subdirs)
+        files, labels = [], []
+        for index, name in enumerate(class_names):
+            found = images_in(os.path.join(path, name))
+            if not found:
+                raise DataError(f"folder:{path}: class folder {name!r} has no "
+                                f"images ({', '.join(IMAGE_EXTENSIONS)})")
+            files += found
+            labels += [index] * len(found)
+    else:
+        class_names, files, labels = (), images_in(path), None
+    if not files:
+        raise DataError(f"folder:{path}: no images "
+                        f"({', '.join(IMAGE_EXTENSIONS)}) found")
+
+    def decode(file):
+        try:
+            return _decode_file(file, image_size, channels), None
+        except Exception as error:  # PIL raises many types for bad files
+            return None, f"{file} ({type(error).__name__}: {error})"
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(decode, files))
+    bad = [problem for _, problem in results if problem]
+    if bad and strict:
+        raise DataError(f"folder:{path}: {len(bad)} undecodable file(s):\n  "
+                        + "\n  ".join(bad))
+    if bad:
+        log.warning("folder:%s: skipped %d undecodable file(s): %s", path,
+                    len(bad), "; ".join(bad))
+    keep = [i for i, (image, _) in enumerate(results) if image is not None]
+    if not keep:
+        raise DataError(f"folder:{path}: none of the {len(files)} files could "
+                        "be decoded")
+    images = np.stack([results[i][0] for i in keep])
+    kept_labels = None if labels is None else np.asarray(labels, np.int32)[keep]
+    if split != "all":
+        groups = kept_labels if kept_labels is not None else np.zeros(len(keep), np.int32)
+        rng = np.random.RandomState(seed)
+        test = np.zeros(len(keep), bool)
+        for label in np.unique(groups):
+            members = np.flatnonzero(groups == label)
+            count = int(round(test_fraction * len(members)))
+            test[rng.permutation(members)[:count]] = True
+        chosen = np.flatnonzero(test if split == "test" else ~test)
+        if chosen.size == 0:
+            raise DataError(f"folder:{path}: split {split!r} with test_fraction="
+                            f"{test_fraction} is empty")
+        images = images[chosen]
+        kept_labels = None if kept_labels is None else kept_labels[chosen]
+    source = from_arrays(images, kept_labels, class_names or None,
+                         f"folder:{path}", split)
+    return dataclasses.replace(source, skipped=tuple(bad))
+
+
+def load(spec: str, split: str = "train", data_dir: str | None = None,
+         image_size: int | None = None, channels: int = 3,
+         download: bool = False, strict: bool = False,
+         test_fraction: float = 0.2, seed: int = 0) -> Source:
+    """Loads a dataset split from a spec (see the module docstring).
+
+    `image_size` and `channels` apply to folders, which need a common size;
+    other sources keep their images as they are (the model resizes).
+    For folders, splits "train"/"test" hold out `test_fraction` per class.
+    """
+    if spec == "embedded":
+        return load_embedded(split)
+    if spec == "fashion_mnist":
+        return load_fashion_mnist(split, data_dir)
+    if spec.startswith("tfds:"):
+        return load_tfds(spec[len("tfds:"):], split, data_dir, download)
+    if spec.startswith("folder:"):
+        if image_size is None:
+            raise DataError(f"{spec}: image_size is needed to load a folder")
+        return load_folder(spec[len("folder:"):], image_size, channels,
+                           split=split, test_fraction=test_fraction,
+                           seed=seed, strict=strict)
+    raise DataError(f"unknown dataset spec {spec!r}; use 'embedded', "
+                    "'fashion_mnist', 'tfds:<name>[:<config>]' or "
+                    "'folder:<path>'")
+
+
+# -- label fractions -----------------------------------------------------------
+
+def class_balanced_indices(labels, fraction: float | None = None,
+                           per_class: int | None = None,
+                           seed: int = 0) -> np.ndarray:
+    """Sorted indices of a class-balanced subset, the same for the same seed.
+
+    Give `fraction` (e.g. 0.01, 0.1: that share of each class, at least one)
+    or `per_class` (a count per class).
+    """
+    labels = np.asarray(labels)
+    if (fraction is None) == (per_class is None):
+        raise ValueError("Give exactly one of fraction and per_class. "
+                         f"Received: fraction={fraction}, per_class={per_class}")
+    if fraction is not None and not 0 < fraction <= 1:
+        raise ValueError(f"Expected 0 < fraction <= 1. Received: fraction={fraction}")
+    if per_class is not None and per_class < 1:
+        raise ValueError(f"Expected per_class >= 1. Received: per_class={per_class}")
+    rng = np.random.RandomState(seed)
+    chosen = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        count = (per_class if per_class is not None
+                 else max(1, int(round(fraction * len(members)))))
+        if count > len(members):
+            raise ValueError(f"Class {label} has {len(members)} examples, "
+                             f"fewer than per_class={count}")
+        chosen.append(rng.permutation(members)[:count])
+    return np.sort(np.concatenate(chosen))
+
+
+def write_indices(path: str, indices, **metadata) -> None:
+    """Writes chosen indices (and how they were chosen) as JSON, atomically."""
+    body = dict(metadata, count=int(len(indices)),
+                indices=[int(i) for i in indices])
+    body["sha256"] = hashlib.sha256(
+        np.asarray(indices, np.int64).tobytes()).hexdigest()
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(body, f)
+    os.replace(tmp, path)
+
+
+# -- pipelines -------------------------------------------------------------------
+
+def pipeline(source: Source, batch_size: int, *, training: bool,
+             with_labels: bool | None = None, seed: int = 0,
+             image_size: int | None = None, repeat: bool = False,
+             deterministic: bool = False) -> tf.data.Dataset:
+    """Batches of uint8 images (and int32 labels) for `model.fit`.
+
+    Training pipelines shuffle with `seed` (reshuffled each epoch) and drop
+    the last partial batch; `batch_size` is the global batch (Keras splits it
+    across replicas). Streaming sources are resized to `image_size` when
+    given.
+    """
+    if batch_size < 1:
+        raise DataError(f"batch_size must be >= 1, got {batch_size}")
+    if training and source.num_examples < batch_size:
+        raise DataError(
+            f"{source.spec} ({source.split}) has {source.num_examples} images, "
+            f"fewer than one batch of {batch_size}: lower --batch_size")
+    with_labels = source.labelled if with_labels is None else with_labels
+    if with_labels and not source.labelled:
+        raise DataError(f"{source.spec}: labels requested but the source is "
+                        "unlabelled")
+    if source.images is not None:
+        tensors = ((source.images, source.labels) if with_labels
+                   else source.images)
+        dataset = tf.data.Dataset.from_tensor_slices(tensors)
+        buffer = source.num_examples
+    else:
+        dataset = source.dataset
+        if image_size is not None:
+            size = [image_size, image_size]
+            dataset = dataset.map(
+                lambda x, y: (tf.cast(tf.clip_by_value(tf.image.resize(
+                    x, size), 0, 255), tf.uint8), y),
+                num_parallel_calls=tf.data.AUTOTUNE)
+        if not with_labels:
+            dataset = dataset.map(lambda x, y: x)
+        dataset = dataset.cache() if source.num_examples <= 60000 else dataset
+        buffer = min(source.num_examples, 10000)
+    if training:
+        dataset = dataset.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        dataset = dataset.repeat()
+    dataset = dataset.batch(batch_size, drop_remainder=training,
+                            num_parallel_calls=tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    options.deterministic = deterministic
+    options.experimental_distribute.auto_shard_policy = (
+        tf.data.experimental.AutoShardPolicy.DATA)
+    return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,88 @@
+"""The one place where contrastive_tf talks to tf.distribute.
+
+Everything that depends on the replica layout (how many replicas, which one
+we are, gathering tensors across them, scaling a per-replica loss) goes
+through these helpers, so the rest of the package reads like single-device
+code and runs unchanged under the default strategy, `MirroredStrategy`,
+`MultiWorkerMirroredStrategy` and `TPUStrategy`.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+
+def replica_info() -> tuple[int, tf.Tensor | int]:
+    """Returns `(num_replicas, replica_id)` for the current context.
+
+    In a replica context (inside `strategy.run`, which `model.fit` uses)
+    these describe the replica; in a cross-replica or default context they
+    are `(1, 0)`.
+    """
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None:
+        return 1, 0
+    return ctx.num_replicas_in_sync, ctx.replica_id_in_sync_group
+
+
+def num_replicas() -> int:
+    """Number of replicas that synchronise in the current strategy."""
+    return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+def cross_replica_concat(tensor: tf.Tensor) -> tf.Tensor:
+    """Concatenates `tensor` from all replicas along axis 0, in replica order.
+
+    The gradient flows back to every replica: the gradient with respect to
+    this replica's slice is the sum of what all replicas' losses send to it
+    (`ReplicaContext.all_gather` is differentiable).
+    """
+    count, _ = replica_info()
+    if count == 1:
+        return tensor
+    return tf.distribute.get_replica_context().all_gather(tensor, axis=0)
+
+
+def scale_loss_for_replicas(loss: tf.Tensor) -> tf.Tensor:
+    """Divides a per-replica mean loss by the number of replicas.
+
+    Keras optimizers sum gradients over replicas; differentiating
+    `loss / num_replicas` on each replica therefore yields the gradient of the
+    mean loss over the global batch. Keras' own `compute_loss` does the same
+    scaling; call this only in a `train_step` that computes its loss itself.
+    """
+    count, _ = replica_info()
+    if count == 1:
+        return loss
+    return loss / tf.cast(count, loss.dtype)
+
+
+def replica_seed(seed: tf.Tensor) -> tf.Tensor:
+    """Makes a stateless-RNG seed differ between replicas.
+
+    A `keras.random.SeedGenerator` is mirrored, so every replica draws the
+    same seed; folding in the replica id gives each replica its own random
+    stream while staying reproducible.
+    """
+    _, replica_id = replica_info()
+    seed = tf.cast(seed, tf.int64)
+    return seed + tf.stack([tf.constant(0, tf.int64),
+                            tf.cast(replica_id, tf.int64) * 7919])
+
+
+def _multi_worker() -> bool:
+    strategy = tf.distribute.get_strategy()
+    return (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+            and strategy.extended._in_multi_worker_mode())
+
+
+def step_logs(logs: dict) -> dict:
+    """Shapes a train/test step's logs for Keras' cross-replica reduction.
+
+    Under a multi-worker strategy Keras 3.15 reduces each returned value with
+    `strategy.reduce("MEAN", value, axis=0)`, which fails for scalars; a
+    1-element vector reduces to the same scalar. Elsewhere logs pass as is.
+    """
+    if not _multi_worker():
+        return logs
+    return {name: tf.reshape(value, [1]) for name, value in logs.items()}

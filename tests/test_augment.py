@@ -1,0 +1,211 @@
+import numpy as np
+import pytest
+import tensorflow as tf
+import keras
+
+from contrastive_tf import augment
+from contrastive_tf.augment import SimCLRAugmenter
+
+SIZE = 16
+DRAWS = 2000  # images per statistic; binomial sd at p=0.5 is about 0.011
+
+
+def _coordinate_images(count, size=SIZE):
+    """Channel 0 holds the column, channel 1 the row, both in [0, 1]."""
+    ramp = np.linspace(0.0, 1.0, size, dtype=np.float32)
+    cols, rows = np.meshgrid(ramp, ramp)
+    image = np.stack([cols, rows, np.full_like(cols, 0.5)], axis=-1)
+    return np.repeat(image[None], count, axis=0)
+
+
+def _colourful(count, size=SIZE, seed=0):
+    return np.random.RandomState(seed).uniform(
+        0.1, 0.9, (count, size, size, 3)).astype(np.float32)
+
+
+def _no_colour(**kwargs):
+    return SimCLRAugmenter(SIZE, jitter_probability=0.0,
+                           grayscale_probability=0.0, **kwargs)
+
+
+def test_output_range_shape_and_dtype():
+    images = np.random.RandomState(0).randint(0, 256, (8, 24, 24, 3)).astype(np.uint8)
+    views = SimCLRAugmenter(SIZE, blur=True, solarize_probability=0.5,
+                            color_strength=1.0, seed=1)(images)
+    assert views.shape == (8, SIZE, SIZE, 3)
+    assert views.dtype == tf.float32
+    assert float(tf.reduce_min(views)) >= 0.0
+    assert float(tf.reduce_max(views)) <= 1.0
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "float32", "float16"])
+def test_accepts_channels_and_dtypes(channels, dtype):
+    rng = np.random.RandomState(0)
+    if dtype.startswith("uint"):
+        images = rng.randint(0, np.iinfo(dtype).max, (4, 20, 20, channels)).astype(dtype)
+    else:
+        images = rng.uniform(0, 1, (4, 20, 20, channels)).astype(dtype)
+    augmenter = SimCLRAugmenter(SIZE, blur=True, seed=0)
+    for training in (True, False):
+        out = augmenter(images, training=training)
+        assert out.shape == (4, SIZE, SIZE, channels)
+        assert out.dtype == tf.float32
+        assert 0.0 <= float(tf.reduce_min(out)) <= float(tf.reduce_max(out)) <= 1.0
+
+
+def test_uint8_scaling_is_exact():
+    images = np.full((2, SIZE, SIZE, 3), 51, np.uint8)
+    out = SimCLRAugmenter(SIZE)(images, training=False)
+    np.testing.assert_allclose(out.numpy(), 51 / 255, rtol=1e-6)
+
+
+def test_two_calls_give_different_views():
+    images = _colourful(16)
+    augmenter = SimCLRAugmenter(SIZE, seed=3)
+    view1, view2 = augmenter(images), augmenter(images)
+    per_image = tf.reduce_mean(tf.abs(view1 - view2), axis=[1, 2, 3]).numpy()
+    assert np.all(per_image > 1e-3)
+
+
+def test_inside_tf_function_each_call_draws_new_randomness():
+    augmenter = SimCLRAugmenter(SIZE, seed=3)
+    step = tf.function(lambda x: augmenter(x))
+    images = _colourful(4)
+    first, second = step(images), step(images)
+    assert float(tf.reduce_max(tf.abs(first - second))) > 1e-3
+
+
+def test_crop_areas_within_range():
+    # With flip and colour off, the output's coordinate channels reveal the
+    # crop box of each image.
+    views = _no_colour(flip=False, crop_area=(0.08, 1.0), seed=2)(
+        _coordinate_images(DRAWS)).numpy()
+    width = views[:, 0, -1, 0] - views[:, 0, 0, 0]
+    height = views[:, -1, 0, 1] - views[:, 0, 0, 1]
+    area = width * height
+    assert np.all(width > 0) and np.all(height > 0)
+    # Crop boxes are clipped to the image, so areas may fall below the
+    # sampled value but never exceed the image.
+    assert area.max() <= 1.0 + 1e-4
+    assert area.min() >= 0.08 * 0.7  # clipping against the border only shrinks a little
+    assert 0.35 < area.mean() < 0.65  # U(0.08, 1) has mean 0.54
+    assert np.any(area < 0.2) and np.any(area > 0.9)
+    aspect = width / height
+    assert aspect.min() >= 0.75 - 1e-3 and aspect.max() <= 4 / 3 + 1e-3
+    # Area and aspect ratio are independent draws.
+    assert abs(np.corrcoef(area, aspect)[0, 1]) < 0.1
+
+
+def test_full_crop_without_flip_is_identity():
+    images = _colourful(4)
+    views = _no_colour(flip=False, crop_area=(1.0, 1.0),
+                       aspect_ratio=(1.0, 1.0))(images)
+    np.testing.assert_allclose(views.numpy(), images, atol=1e-5)
+
+
+def test_flip_rate_is_one_half():
+    images = _coordinate_images(DRAWS)
+    views = _no_colour(crop_area=(1.0, 1.0), aspect_ratio=(1.0, 1.0),
+                       seed=4)(images).numpy()
+    flipped = np.all(np.abs(views - images[:, :, ::-1]) < 1e-5, axis=(1, 2, 3))
+    unchanged = np.all(np.abs(views - images) < 1e-5, axis=(1, 2, 3))
+    assert np.all(flipped ^ unchanged)
+    assert abs(flipped.mean() - 0.5) < 0.05
+
+
+def test_grayscale_rate_is_one_fifth():
+    augmenter = SimCLRAugmenter(SIZE, jitter_probability=0.0, seed=5)
+    views = augmenter(_colourful(DRAWS)).numpy()
+    gray = np.all(np.ptp(views, axis=-1) < 1e-6, axis=(1, 2))
+    assert abs(gray.mean() - 0.2) < 0.04
+
+
+def test_jitter_rate_is_four_fifths():
+    images = _colourful(DRAWS)
+    augmenter = SimCLRAugmenter(SIZE, crop_area=(1.0, 1.0),
+                                aspect_ratio=(1.0, 1.0), flip=False,
+                                grayscale_probability=0.0, color_strength=1.0,
+                                seed=6)
+    views = augmenter(images).numpy()
+    changed = np.max(np.abs(views - images), axis=(1, 2, 3)) > 1e-3
+    assert abs(changed.mean() - 0.8) < 0.04
+
+
+def test_grayscale_images_are_jittered_but_keep_one_channel():
+    images = _colourful(DRAWS)[..., :1]
+    augmenter = SimCLRAugmenter(SIZE, crop_area=(1.0, 1.0),
+                                aspect_ratio=(1.0, 1.0), flip=False,
+                                color_strength=1.0, seed=7)
+    views = augmenter(images).numpy()
+    assert views.shape[-1] == 1
+    changed = np.max(np.abs(views - images), axis=(1, 2, 3)) > 1e-3
+    assert abs(changed.mean() - 0.8) < 0.04
+
+
+def test_grayscale_matches_luma_formula():
+    images = _colourful(3)
+    expected = images @ np.array([0.2989, 0.5870, 0.1140], np.float32)
+    got = augment.grayscale(tf.constant(images)).numpy()
+    for c in range(3):
+        np.testing.assert_allclose(got[..., c], expected, rtol=1e-5)
+
+
+def _numpy_blur(image, sigma, radius):
+    taps = np.arange(-radius, radius + 1, dtype=np.float64)
+    kernel = np.exp(-taps ** 2 / (2 * sigma ** 2))
+    kernel /= kernel.sum()
+    padded = np.pad(image, ((radius, radius), (radius, radius), (0, 0)),
+                    mode="reflect")
+    h, w, _ = image.shape
+    rows = sum(kernel[k] * padded[k:k + h, :, :] for k in range(2 * radius + 1))
+    return sum(kernel[k] * rows[:, k:k + w, :] for k in range(2 * radius + 1))
+
+
+def test_gaussian_blur_matches_numpy_per_image_sigma():
+    augmenter = SimCLRAugmenter(40, blur=True)
+    assert augmenter.blur_radius == 2  # kernel of 5 taps, ~10% of 40 px
+    images = _colourful(3, size=40)
+    sigmas = np.array([0.1, 0.8, 2.0], np.float32)
+    got = augmenter._gaussian_blur(tf.constant(images), tf.constant(sigmas))
+    for image, sigma, out in zip(images, sigmas, got.numpy()):
+        np.testing.assert_allclose(out, _numpy_blur(image, sigma, 2), atol=1e-5)
+
+
+def test_eval_preprocessing_center_crops_large_images_only():
+    large = SimCLRAugmenter(64)
+    assert large.eval_crop_fraction == 0.875
+    small = SimCLRAugmenter(32)
+    assert small.eval_crop_fraction == 1.0
+    images = _coordinate_images(2, size=64)
+    out = large(images, training=False).numpy()
+    # A central 0.875 crop spans columns 4..59 of 0..63.
+    assert out[0, 0, 0, 0] == pytest.approx(4 / 63, abs=0.01)
+    assert out[0, 0, -1, 0] == pytest.approx(59 / 63, abs=0.01)
+
+
+def test_serialisation_round_trip():
+    augmenter = SimCLRAugmenter((24, 20), crop_area=(0.2, 0.9), blur=True,
+                                color_strength=0.7, solarize_probability=0.1,
+                                seed=9)
+    restored = keras.saving.deserialize_keras_object(
+        keras.saving.serialize_keras_object(augmenter))
+    assert isinstance(restored, SimCLRAugmenter)
+    assert restored.get_config() == augmenter.get_config()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(image_size=0), "image_size"),
+    (dict(image_size=8, crop_area=(0.5, 0.1)), "crop_area"),
+    (dict(image_size=8, crop_area=(0.0, 1.0)), "crop_area"),
+    (dict(image_size=8, jitter_probability=1.5), "jitter_probability"),
+    (dict(image_size=8, color_strength=-1), "color_strength"),
+])
+def test_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SimCLRAugmenter(**kwargs)
+
+
+def test_rejects_bad_channel_count():
+    with pytest.raises(ValueError, match="1 or 3 channels"):
+        SimCLRAugmenter(8)(np.zeros((2, 8, 8, 4), np.uint8))

@@ -13,6 +13,7 @@ CORE = [
     "tensorflow-datasets>=4.9.10",
     "importlib_resources",
     "absl-py>=2.1",
+    "tensorboard>=2.21",
     "numpy",
     "pillow",
     "matplotlib",

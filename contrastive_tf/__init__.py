@@ -1,15 +1,23 @@
 """contrastive_tf: SimCLR / SimCLRv2 in Keras 3 on TensorFlow."""
 
-from contrastive_tf import augment, backbones, distribution, heads, losses
+from contrastive_tf import (augment, backbones, config, data, distribution,
+                            evaluation, heads, losses, optim)
 from contrastive_tf.augment import SimCLRAugmenter
 from contrastive_tf.backbones import resnet
 from contrastive_tf.heads import ProjectionHead
 from contrastive_tf.losses import distillation_loss, nt_xent, nt_xent_with_accuracy
 from contrastive_tf.model import SimCLR
+from contrastive_tf.optim import LARS, WarmupCosine
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LARS",
+    "WarmupCosine",
+    "config",
+    "data",
+    "evaluation",
+    "optim",
     "ProjectionHead",
     "SimCLR",
     "SimCLRAugmenter",

@@ -7,6 +7,7 @@ vectorised over the batch, so the data pipeline can ship uint8 images.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import keras
@@ -81,12 +82,107 @@ def center_crop_and_resize(images: tf.Tensor, size: tuple[int, int],
     return tf.clip_by_value(images, 0.0, 1.0)
 
 
+def _draw_counter(layer: keras.layers.Layer) -> keras.Variable:
+    """A checkpointed count of random draws, the state of a layer's RNG.
+
+    Random numbers come from stateless ops seeded by (seed, draw count,
+    replica id), so they are reproducible, differ between replicas, and
+    continue where they left off when a checkpoint is restored (a
+    `keras.random.SeedGenerator`'s state is not in TF checkpoints).
+    """
+    return layer.add_weight(name="draws", shape=(), dtype="int64",
+                            initializer="zeros", trainable=False,
+                            aggregation="only_first_replica")
+
+
+def _next_seed(seed: int | None, counter: keras.Variable) -> tf.Tensor:
+    count = tf.convert_to_tensor(counter)
+    counter.assign(count + 1)
+    base = tf.stack([tf.constant(seed if seed is not None else 0, tf.int64), count])
+    return distribution.replica_seed(base)
+
+
+@keras.saving.register_keras_serializable(package="contrastive_tf")
+class RandomResizedCrop(keras_cv.layers.VectorizedBaseImageAugmentationLayer):
+    """Random resized crop and horizontal flip, vectorised over the batch.
+
+    A KerasCV vectorised augmentation layer. Each image gets a box of area
+    fraction U(`crop_area`) and log-uniform aspect ratio in `aspect_ratio`
+    (shrunk to fit inside the image when needed), placed uniformly, and
+    optionally mirrored with p = 0.5; all boxes are cut and resized by one
+    batched `tf.image.crop_and_resize` (bilinear; a box with x1 > x2 is read
+    mirrored, which is how the flip costs nothing).
+
+    Args:
+        target_size: `(height, width)` of the output.
+        crop_area: range of the box's area fraction. Defaults to `(0.08, 1)`.
+        aspect_ratio: range of width/height. Defaults to `(3/4, 4/3)`.
+        flip: mirror half of the boxes. Defaults to `True`.
+        seed: int seed. Defaults to `None` (0).
+    """
+
+    def __init__(self, target_size, crop_area=(0.08, 1.0),
+                 aspect_ratio=(3 / 4, 4 / 3), flip=True, seed=None, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        # The base class makes a tf.random.Generator this layer never uses;
+        # a seed keeps it off the global generator, which op determinism
+        # forbids.
+        super().__init__(seed=(seed or 0) + 1, **kwargs)
+        self.target_size = _pair(target_size, "target_size")
+        self.crop_area = _range(crop_area, "crop_area", 0.0, 1.0)
+        if self.crop_area[0] <= 0:
+            raise ValueError(f"Expected crop_area > 0. Received: crop_area={self.crop_area}")
+        self.aspect_ratio = _range(aspect_ratio, "aspect_ratio", 1e-3, None)
+        self.flip = bool(flip)
+        self.seed = seed
+        self._draws = _draw_counter(self)
+
+    def get_random_transformation_batch(self, batch_size, **kwargs):
+        seeds = tf.random.experimental.stateless_split(
+            _next_seed(self.seed, self._draws), num=5)
+        area = tf.random.stateless_uniform([batch_size], seeds[0],
+                                           self.crop_area[0], self.crop_area[1])
+        log_ratio = tf.random.stateless_uniform(
+            [batch_size], seeds[1], math.log(self.aspect_ratio[0]),
+            math.log(self.aspect_ratio[1]))
+        ratio = tf.exp(log_ratio)
+        width = tf.minimum(tf.sqrt(area * ratio), 1.0)
+        height = tf.minimum(tf.sqrt(area / ratio), 1.0)
+        top = tf.random.stateless_uniform([batch_size], seeds[2]) * (1.0 - height)
+        left = tf.random.stateless_uniform([batch_size], seeds[3]) * (1.0 - width)
+        boxes = tf.stack([top, left, top + height, left + width], axis=1)
+        if self.flip:
+            mirror = tf.random.stateless_uniform([batch_size], seeds[4]) < 0.5
+            boxes = tf.where(mirror[:, None], tf.gather(boxes, [0, 3, 2, 1], axis=1),
+                             boxes)
+        return boxes
+
+    def augment_images(self, images, transformations, **kwargs):
+        batch = tf.shape(images)[0]
+        return tf.image.crop_and_resize(images, transformations, tf.range(batch),
+                                        self.target_size, method="bilinear")
+
+    def augment_labels(self, labels, transformations, **kwargs):
+        return labels
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], *self.target_size, input_shape[-1])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"target_size": list(self.target_size),
+                       "crop_area": list(self.crop_area),
+                       "aspect_ratio": list(self.aspect_ratio),
+                       "flip": self.flip, "seed": self.seed})
+        return config
+
+
 @keras.saving.register_keras_serializable(package="contrastive_tf")
 class SimCLRAugmenter(keras.layers.Layer):
     """One random SimCLR view of each image in a batch.
 
-    In order: random resized crop (KerasCV `RandomCropAndResize`), horizontal
-    flip (Keras `RandomFlip`), colour jitter with probability
+    In order: random resized crop and horizontal flip (`RandomResizedCrop`, a
+    vectorised KerasCV layer), colour jitter with probability
     `jitter_probability` (brightness, contrast, saturation, hue in a random
     order per image, clipped to [0, 1] after each), grayscale with
     probability `grayscale_probability`, optional Gaussian blur and optional
@@ -182,26 +278,9 @@ class SimCLRAugmenter(keras.layers.Layer):
         self.blur_radius = max(1, min(self.image_size) // 10 // 2)
         self.eval_crop_fraction = 1.0 if max(self.image_size) <= 32 else 0.875
 
-        self._crop = keras_cv.layers.RandomCropAndResize(
-            target_size=self.image_size,
-            # Separate samplers with distinct seeds: KerasCV would otherwise
-            # seed both with `seed`, making area and aspect ratio identical
-            # draws (perfectly correlated) whenever a seed is given.
-            crop_area_factor=keras_cv.core.UniformFactorSampler(
-                *self.crop_area, seed=seed),
-            aspect_ratio_factor=keras_cv.core.UniformFactorSampler(
-                *self.aspect_ratio, seed=None if seed is None else seed + 1),
-            interpolation="bilinear",
-            seed=seed,
-            dtype="float32")
-        self._flip = (keras.layers.RandomFlip("horizontal", seed=seed,
-                                              dtype="float32")
-                      if self.flip else None)
-        self._seed_generator = keras.random.SeedGenerator(
-            seed if seed is not None else None)
-        # KerasCV's crop draws from a stateful tf.random.Generator, which XLA
-        # cannot compile.
-        self.supports_jit = False
+        self._crop = RandomResizedCrop(self.image_size, self.crop_area,
+                                       self.aspect_ratio, self.flip, seed=seed)
+        self._draws = _draw_counter(self)
 
     def build(self, input_shape):
         channels = input_shape[-1]
@@ -224,13 +303,10 @@ class SimCLRAugmenter(keras.layers.Layer):
             return center_crop_and_resize(images, self.image_size,
                                           self.eval_crop_fraction)
         seeds = tf.random.experimental.stateless_split(
-            distribution.replica_seed(self._seed_generator.next()), num=8)
+            _next_seed(self.seed, self._draws), num=8)
         batch = tf.shape(images)[0]
 
-        views = self._crop(images, training=True)
-        if self._flip is not None:
-            views = self._flip(views, training=True)
-        views = tf.clip_by_value(views, 0.0, 1.0)
+        views = tf.clip_by_value(self._crop(images), 0.0, 1.0)
         if self.jitter_probability > 0 and self.color_strength > 0:
             jittered = self._color_jitter(views, seeds[0], seeds[1])
             views = self._where_per_image(

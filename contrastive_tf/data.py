@@ -248,16 +248,17 @@ def load_tfds(name: str, split: str = "train", data_dir: str | None = None,
     label_names = ()
     if "label" in features and hasattr(features["label"], "names"):
         label_names = tuple(features["label"].names)
-    try:
-        num_examples = builder.info.splits[split].num_examples
-    except KeyError:
-        raise DataError(f"tfds:{name}: no split {split!r}; has "
-                        f"{sorted(builder.info.splits)}") from None
+    splits = builder.info.splits
+    if splits and split not in splits:
+        raise DataError(f"tfds:{name}: no split {split!r}; has {sorted(splits)}")
+    num_examples = splits[split].num_examples if splits else None
     dataset = builder.as_dataset(split=split, shuffle_files=False)
     if label_names:
         dataset = dataset.map(lambda e: (e["image"], tf.cast(e["label"], tf.int32)))
     else:
         dataset = dataset.map(lambda e: (e["image"], tf.constant(-1, tf.int32)))
+    if num_examples is None:  # metadata without split sizes: count once
+        num_examples = int(dataset.reduce(0, lambda count, _: count + 1))
     return Source(spec=f"tfds:{name}", split=split, num_examples=num_examples,
                   class_names=label_names, dataset=dataset)
 
@@ -493,4 +494,54 @@ def pipeline(source: Source, batch_size: int, *, training: bool,
     options.deterministic = deterministic
     options.experimental_distribute.auto_shard_policy = (
         tf.data.experimental.AutoShardPolicy.DATA)
+    return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+def training_stream(source: Source, batch_size: int, *, seed: int = 0,
+                    start_step: int = 0, with_labels: bool = False) -> tf.data.Dataset:
+    """An endless stream of training batches that can resume mid-epoch.
+
+    For in-memory sources each data epoch is a permutation drawn from
+    `(seed, epoch)`, so the batch at any global step is fixed: a run resumed
+    at `start_step` sees exactly the batches an uninterrupted run would.
+    Streaming sources are shuffled with `seed` and skip the batches already
+    seen in the current epoch (exact only up to tf.data's shuffle buffer).
+    """
+    if source.num_examples < batch_size:
+        raise DataError(
+            f"{source.spec} ({source.split}) has {source.num_examples} images, "
+            f"fewer than one batch of {batch_size}: lower --batch_size")
+    if with_labels and not source.labelled:
+        raise DataError(f"{source.spec}: labels requested but the source is unlabelled")
+    steps_per_epoch = source.num_examples // batch_size
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = (
+        tf.data.experimental.AutoShardPolicy.DATA)
+    if source.images is None:
+        dataset = source.dataset if with_labels else source.dataset.map(lambda x, y: x)
+        dataset = (dataset.shuffle(min(source.num_examples, 10000), seed=seed)
+                   .repeat().batch(batch_size, drop_remainder=True)
+                   .skip(start_step % steps_per_epoch))
+        return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+    images = tf.constant(source.images)
+    labels = tf.constant(source.labels) if with_labels else None
+    count, used = source.num_examples, steps_per_epoch * batch_size
+
+    def epoch_order(epoch):
+        noise = tf.random.stateless_uniform(
+            [count], seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
+        return tf.data.Dataset.from_tensor_slices(tf.argsort(noise)[:used])
+
+    def gather(indices):
+        if labels is None:
+            return tf.gather(images, indices)
+        return tf.gather(images, indices), tf.gather(labels, indices)
+
+    first_epoch = start_step // steps_per_epoch
+    dataset = (tf.data.Dataset.range(first_epoch, 2 ** 62)
+               .flat_map(epoch_order)
+               .skip((start_step % steps_per_epoch) * batch_size)
+               .batch(batch_size, drop_remainder=True)
+               .map(gather, num_parallel_calls=tf.data.AUTOTUNE))
     return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)

@@ -60,14 +60,13 @@ def scale_loss_for_replicas(loss: tf.Tensor) -> tf.Tensor:
 def replica_seed(seed: tf.Tensor) -> tf.Tensor:
     """Makes a stateless-RNG seed differ between replicas.
 
-    A `keras.random.SeedGenerator` is mirrored, so every replica draws the
-    same seed; folding in the replica id gives each replica its own random
-    stream while staying reproducible.
+    Every replica holds the same seed state (it is mirrored); folding in the
+    replica id gives each replica its own random stream, reproducibly.
     """
     _, replica_id = replica_info()
     seed = tf.cast(seed, tf.int64)
-    return seed + tf.stack([tf.constant(0, tf.int64),
-                            tf.cast(replica_id, tf.int64) * 7919])
+    return tf.random.experimental.stateless_fold_in(
+        seed, tf.cast(replica_id, tf.int64))
 
 
 def _multi_worker() -> bool:

@@ -69,8 +69,6 @@ class ProjectionHead(keras.layers.Layer):
         self.bn_momentum = bn_momentum
         self.bn_epsilon = bn_epsilon
         self.synchronized_bn = synchronized_bn
-        self._dense = []
-        self._norms = []
 
     def build(self, input_shape):
         width = self.hidden_dim or int(input_shape[-1])
@@ -88,9 +86,19 @@ class ProjectionHead(keras.layers.Layer):
             dense.build(shape)
             shape = dense.compute_output_shape(shape)
             norm.build(shape)
-            self._dense.append(dense)
-            self._norms.append(norm)
+            # One attribute per layer: TF checkpoints track a Keras 3 layer's
+            # sublayers only through plain attributes, not through lists.
+            setattr(self, f"dense_{index}", dense)
+            setattr(self, f"bn_{index}", norm)
         self.built = True
+
+    @property
+    def _dense(self):
+        return [getattr(self, f"dense_{i}") for i in range(self.num_layers)]
+
+    @property
+    def _norms(self):
+        return [getattr(self, f"bn_{i}") for i in range(self.num_layers)]
 
     def _ensure_built(self, h):
         if not self.built:

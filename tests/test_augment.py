@@ -209,3 +209,30 @@ def test_rejects_bad_arguments(kwargs, message):
 def test_rejects_bad_channel_count():
     with pytest.raises(ValueError, match="1 or 3 channels"):
         SimCLRAugmenter(8)(np.zeros((2, 8, 8, 4), np.uint8))
+
+
+def test_random_stream_continues_after_checkpoint_restore(tmp_path):
+    images = _colourful(4)
+    augmenter = SimCLRAugmenter(SIZE, seed=11, blur=True)
+    augmenter(images)
+    checkpoint = tf.train.Checkpoint(augmenter=augmenter)
+    path = checkpoint.save(str(tmp_path / "ckpt"))
+    expected = augmenter(images).numpy()  # the draw after the checkpoint
+    fresh = SimCLRAugmenter(SIZE, seed=11, blur=True)
+    assert not np.allclose(fresh(images).numpy(), expected)  # its first draw
+    tf.train.Checkpoint(augmenter=fresh).restore(path).assert_existing_objects_matched()
+    np.testing.assert_allclose(fresh(images).numpy(), expected)
+
+
+def test_replicas_draw_different_views():
+    cpus = [d.name for d in tf.config.list_logical_devices("CPU")[:2]]
+    strategy = tf.distribute.MirroredStrategy(cpus)
+    with strategy.scope():
+        augmenter = SimCLRAugmenter(SIZE, seed=1)
+    images = np.repeat(_colourful(1), 8, axis=0)  # 4 identical images per replica
+    dataset = strategy.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensor_slices(images).batch(8))
+    batch = next(iter(dataset))
+    views = strategy.experimental_local_results(
+        strategy.run(tf.function(lambda x: augmenter(x)), (batch,)))
+    assert float(tf.reduce_max(tf.abs(views[0] - views[1]))) > 1e-2

@@ -1,0 +1,177 @@
+"""Optimisers and learning-rate schedules shared by every job.
+
+`LARS` (You et al., 2017) as SimCLR uses it, `WarmupCosine`, the batch-size
+scaling rules, and `make_optimizer`, the one place jobs build optimisers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+from keras import ops
+
+OPTIMIZERS = ("lars", "sgd", "adamw")
+SCALINGS = ("linear", "sqrt", "none")
+
+
+@keras.saving.register_keras_serializable(package="contrastive_tf")
+class LARS(keras.optimizers.Optimizer):
+    """Layer-wise Adaptive Rate Scaling with momentum, as in SimCLR.
+
+    For each variable w with gradient g:
+
+        g <- g + weight_decay * w                       (decay)
+        trust = eta * ||w|| / ||g||  (1 if either is 0)  (adaptation)
+        v <- momentum * v + lr * trust * g
+        w <- w - v
+
+    Variables of rank <= 1 -- biases and batch-norm scales and offsets in
+    Keras' layers -- are excluded from both decay and adaptation when
+    `exclude_bias_and_norm` is true; they get plain momentum SGD.
+
+    Args:
+        learning_rate: float or schedule. Defaults to `0.1`.
+        momentum: Defaults to `0.9`.
+        trust_coefficient: eta. Defaults to `0.001`.
+        weight_decay: coupled L2 decay added to the gradient. Defaults to
+            `1e-6`.
+        exclude_bias_and_norm: Defaults to `True`.
+        **kwargs: base optimiser arguments (clipnorm, name, ...).
+
+    Example:
+    >>> optimizer = LARS(learning_rate=WarmupCosine(1.0, 10, 100))
+
+    References:
+        - [You et al., 2017](https://arxiv.org/abs/1708.03888)
+        - [Chen et al., 2020](https://arxiv.org/abs/2002.05709), appendix B.
+    """
+
+    def __init__(self, learning_rate=0.1, momentum: float = 0.9,
+                 trust_coefficient: float = 0.001, weight_decay: float = 1e-6,
+                 exclude_bias_and_norm: bool = True, name: str = "lars",
+                 **kwargs):
+        kwargs.pop("weight_decay", None)
+        super().__init__(learning_rate=learning_rate, name=name, **kwargs)
+        if not 0 <= momentum < 1:
+            raise ValueError(f"Expected 0 <= momentum < 1. Received: momentum={momentum}")
+        if trust_coefficient <= 0:
+            raise ValueError("Expected trust_coefficient > 0. Received: "
+                             f"trust_coefficient={trust_coefficient}")
+        if weight_decay < 0:
+            raise ValueError(
+                f"Expected weight_decay >= 0. Received: weight_decay={weight_decay}")
+        self.momentum = float(momentum)
+        self.trust_coefficient = float(trust_coefficient)
+        self.lars_weight_decay = float(weight_decay)
+        self.exclude_bias_and_norm = bool(exclude_bias_and_norm)
+
+    def build(self, var_list):
+        if self.built:
+            return
+        super().build(var_list)
+        self._velocities = self.add_optimizer_variables(var_list, "velocity")
+
+    def _adapted(self, variable) -> bool:
+        return not (self.exclude_bias_and_norm and len(variable.shape) <= 1)
+
+    def update_step(self, gradient, variable, learning_rate):
+        lr = ops.cast(learning_rate, variable.dtype)
+        gradient = ops.cast(gradient, variable.dtype)
+        velocity = self._velocities[self._get_variable_index(variable)]
+        if self._adapted(variable):
+            if self.lars_weight_decay:
+                gradient = gradient + self.lars_weight_decay * variable
+            w_norm = ops.sqrt(ops.sum(ops.square(variable)))
+            g_norm = ops.sqrt(ops.sum(ops.square(gradient)))
+            trust = ops.where(
+                (w_norm > 0) & (g_norm > 0),
+                self.trust_coefficient * w_norm / ops.maximum(g_norm, 1e-30),
+                ops.ones_like(w_norm))
+            lr = lr * trust
+        self.assign(velocity, self.momentum * velocity + lr * gradient)
+        self.assign_sub(variable, velocity)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({
+            "momentum": self.momentum,
+            "trust_coefficient": self.trust_coefficient,
+            "weight_decay": self.lars_weight_decay,
+            "exclude_bias_and_norm": self.exclude_bias_and_norm,
+        })
+        return config
+
+
+@keras.saving.register_keras_serializable(package="contrastive_tf")
+class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warmup from 0 to `peak` over `warmup_steps`, then cosine to 0.
+
+    lr(s) = peak * s / warmup_steps                                for s < warmup
+    lr(s) = peak * 0.5 * (1 + cos(pi * (s - warmup) / (total - warmup)))  after,
+    and 0 from `total_steps` on.
+
+    Args:
+        peak: the learning rate reached at the end of warmup.
+        warmup_steps: steps of linear warmup (0 for none).
+        total_steps: steps of the whole run.
+    """
+
+    def __init__(self, peak: float, warmup_steps: int, total_steps: int):
+        if peak < 0:
+            raise ValueError(f"Expected peak >= 0. Received: peak={peak}")
+        if total_steps < 1 or not 0 <= warmup_steps <= total_steps:
+            raise ValueError("Expected 0 <= warmup_steps <= total_steps and "
+                             f"total_steps >= 1. Received: warmup_steps="
+                             f"{warmup_steps}, total_steps={total_steps}")
+        self.peak = float(peak)
+        self.warmup_steps = int(warmup_steps)
+        self.total_steps = int(total_steps)
+
+    def __call__(self, step):
+        step = ops.cast(step, "float32")
+        warmup = float(max(self.warmup_steps, 1))
+        decay_steps = float(max(self.total_steps - self.warmup_steps, 1))
+        progress = ops.clip((step - self.warmup_steps) / decay_steps, 0.0, 1.0)
+        cosine = 0.5 * self.peak * (1.0 + ops.cos(math.pi * progress))
+        linear = self.peak * step / warmup
+        return ops.where(step < self.warmup_steps, linear, cosine)
+
+    def get_config(self):
+        return {"peak": self.peak, "warmup_steps": self.warmup_steps,
+                "total_steps": self.total_steps}
+
+
+def scaled_learning_rate(base: float, batch_size: int,
+                         scaling: str = "linear") -> float:
+    """SimCLR's batch-size scaling of the learning rate.
+
+    "linear": base * batch / 256 (base 0.3 in the paper); "sqrt":
+    base * sqrt(batch) (base 0.075, better for small batches); "none": base.
+    """
+    if scaling not in SCALINGS:
+        raise ValueError(f"Expected scaling in {SCALINGS}. Received: scaling={scaling!r}")
+    if batch_size < 1:
+        raise ValueError(f"Expected batch_size >= 1. Received: batch_size={batch_size}")
+    if scaling == "linear":
+        return base * batch_size / 256.0
+    if scaling == "sqrt":
+        return base * math.sqrt(batch_size)
+    return base
+
+
+def make_optimizer(name: str, learning_rate, weight_decay: float,
+                   momentum: float = 0.9) -> keras.optimizers.Optimizer:
+    """The optimiser a job asks for: "lars", "sgd" (momentum, coupled L2 via
+    weight decay on rank >= 2 variables) or "adamw"."""
+    if name == "lars":
+        return LARS(learning_rate, momentum=momentum, weight_decay=weight_decay)
+    if name == "sgd":
+        optimizer = keras.optimizers.SGD(learning_rate, momentum=momentum,
+                                         weight_decay=weight_decay or None)
+    elif name == "adamw":
+        optimizer = keras.optimizers.AdamW(learning_rate,
+                                           weight_decay=weight_decay)
+    else:
+        raise ValueError(f"Expected optimizer in {OPTIMIZERS}. Received: {name!r}")
+    return optimizer

@@ -1,0 +1,303 @@
+"""The pretraining job: config in, trained model, checkpoints and summary out.
+
+`pretrain(config)` is what `experiments/pretrain.py` calls after turning its
+flags into a `PretrainConfig`; it can be called from Python just the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+import sys
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from contrastive_tf import data, evaluation, optim
+from contrastive_tf.augment import SimCLRAugmenter
+from contrastive_tf.backbones import resnet
+from contrastive_tf.config import PretrainConfig, read_json, write_json
+from contrastive_tf.heads import ProjectionHead
+from contrastive_tf.model import SimCLR
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or Inf loss."""
+
+
+class ResumeError(RuntimeError):
+    """A model_dir holds a run that this config cannot continue."""
+
+
+def make_strategy(name: str) -> tf.distribute.Strategy:
+    """The tf.distribute strategy for a job's `--strategy` flag."""
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "tpu":
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        return tf.distribute.TPUStrategy(resolver)
+    raise ValueError(f"Unknown strategy {name!r}")
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """Whether this process writes the shared outputs (model_dir)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.cluster_spec().as_dict():
+        return True
+    task_type, task_id = resolver.task_type, resolver.task_id
+    if task_type == "chief":
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return task_type == "worker" and task_id == 0 and not has_chief
+
+
+def build_model(config: PretrainConfig) -> SimCLR:
+    """The SimCLR model a config describes (call inside strategy.scope())."""
+    encoder = resnet(config.depth, config.width_multiplier,
+                     sk_ratio=config.sk_ratio, base_width=config.base_width,
+                     input_shape=(config.image_size, config.image_size,
+                                  config.channels))
+    augmenter = SimCLRAugmenter(
+        config.image_size, crop_area=(config.crop_min_area, 1.0),
+        color_strength=config.color_strength, blur=config.blur,
+        seed=config.seed)
+    head = ProjectionHead(config.projection_layers, config.projection_dim,
+                          ft_layer=config.ft_layer)
+    return SimCLR(encoder, augmenter, head, temperature=config.temperature)
+
+
+class CheckpointAndGuard(keras.callbacks.Callback):
+    """Saves a checkpoint every `every_steps` steps; stops on a bad loss.
+
+    A NaN/Inf loss raises `NonFiniteLossError` naming the step before any
+    checkpoint of the bad state is written, so the last good one survives.
+    Also puts the learning rate into the logs for TensorBoard.
+    """
+
+    def __init__(self, manager, every_steps, total_steps, schedule):
+        super().__init__()
+        self.manager = manager
+        self.every_steps = every_steps
+        self.total_steps = total_steps
+        self.schedule = schedule
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = int(self.model.optimizer.iterations.numpy())
+        loss = None if logs is None else logs.get("loss")
+        if loss is not None and not np.all(np.isfinite(loss)):
+            self.model.stop_training = True
+            raise NonFiniteLossError(
+                f"loss is {float(np.ravel(loss)[0])} at step {step}; training "
+                f"stopped. The last good checkpoint is "
+                f"{self.manager.latest_checkpoint} (not overwritten). Lower "
+                "the learning rate or use float32 / mixed_bfloat16.")
+        if logs is not None:
+            logs["learning_rate"] = float(self.schedule(step - 1))
+        if step % self.every_steps == 0 or step >= self.total_steps:
+            self.manager.save(checkpoint_number=step)
+        if step >= self.total_steps:
+            self.model.stop_training = True
+
+
+class ViewPairsToTensorBoard(keras.callbacks.Callback):
+    """Writes a few images and their two augmented views to TensorBoard."""
+
+    def __init__(self, images, writer):
+        super().__init__()
+        self.images, self.writer = images, writer
+
+    def on_train_begin(self, logs=None):
+        augmenter = self.model.augmenter
+        original = augmenter(self.images, training=False)
+        rows = [original, augmenter(self.images), augmenter(self.images)]
+        grid = tf.concat(rows, axis=2)  # original | view 1 | view 2
+        if grid.shape[-1] == 1:
+            grid = tf.tile(grid, [1, 1, 1, 3])
+        with self.writer.as_default():
+            tf.summary.image("original_view1_view2", grid, step=0,
+                             max_outputs=len(self.images))
+        self.writer.flush()
+
+
+def _check_resumable(config: PretrainConfig, config_path: str, has_checkpoint: bool):
+    if not (has_checkpoint and os.path.exists(config_path)):
+        return
+    previous = read_json(config_path)
+    differing = {name: (previous.get(name), value)
+                 for name, value in config.architecture().items()
+                 if previous.get(name) != value}
+    if differing:
+        detail = ", ".join(f"{k}: checkpoint has {old!r}, now {new!r}"
+                           for k, (old, new) in differing.items())
+        raise ResumeError(
+            f"{config.model_dir} holds checkpoints of a different model "
+            f"({detail}); refusing to resume. Use another --model_dir, or "
+            "delete that one to start over.")
+
+
+def _atomic_save(model: keras.Model, path: str) -> None:
+    tmp = path + ".tmp.keras"
+    model.save(tmp)
+    os.replace(tmp, path)
+
+
+def pretrain(config: PretrainConfig, verbose: int = 1,
+             callbacks: list | None = None) -> dict:
+    """Runs (or resumes) SimCLR pretraining as `config` says.
+
+    Writes into `config.model_dir`: config.json, checkpoints/ (every
+    `checkpoint_steps` steps and at the end, via tf.train.CheckpointManager),
+    logs/ (TensorBoard), simclr.keras and encoder.keras (the final models)
+    and summary.json. Rerunning the same call resumes from the latest
+    checkpoint and stops at the same total step count.
+
+    Args:
+        config: the run's settings.
+        verbose: 0 silent, 1 progress and summary lines.
+        callbacks: extra Keras callbacks for `fit`.
+
+    Returns:
+        The summary dict also written to summary.json.
+    """
+    started = time.time()
+    source = data.load(config.dataset, config.train_split, config.data_dir,
+                       image_size=config.image_size, channels=config.channels,
+                       seed=config.seed)
+    channels = source.image_shape[-1]
+    config = dataclasses.replace(config, channels=channels)
+    strategy = make_strategy(config.strategy)
+    replicas = strategy.num_replicas_in_sync
+    if config.batch_size % replicas:
+        raise ValueError(f"batch_size={config.batch_size} is not divisible by "
+                         f"the {replicas} replicas of strategy {config.strategy!r}")
+    chief = is_chief(strategy)
+    work_dir = config.model_dir if chief else os.path.join(
+        config.model_dir, f"worker_tmp_{strategy.cluster_resolver.task_id}")
+    os.makedirs(work_dir, exist_ok=True)
+    checkpoint_dir = os.path.join(work_dir, "checkpoints")
+    config_path = os.path.join(config.model_dir, "config.json")
+    _check_resumable(config, config_path,
+                     tf.train.latest_checkpoint(checkpoint_dir) is not None)
+    if chief:
+        write_json(config_path, config.to_dict())
+
+    keras.utils.set_random_seed(config.seed)
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    keras.mixed_precision.set_global_policy(config.precision)
+
+    steps_per_epoch = source.num_examples // config.batch_size
+    if steps_per_epoch == 0:
+        raise data.DataError(
+            f"{source.spec} has {source.num_examples} images, fewer than one "
+            f"batch of {config.batch_size}: lower --batch_size")
+    total_steps = config.train_steps or config.epochs * steps_per_epoch
+    warmup_steps = min(total_steps, int(round(config.warmup_epochs * steps_per_epoch)))
+    peak = optim.scaled_learning_rate(config.learning_rate, config.batch_size,
+                                      config.lr_scaling)
+    schedule = optim.WarmupCosine(peak, warmup_steps, total_steps)
+
+    with strategy.scope():
+        model = build_model(config)
+        optimizer = optim.make_optimizer(config.optimizer, schedule,
+                                         config.weight_decay, config.momentum)
+        model.compile(optimizer=optimizer)
+        model.optimizer.build(model.trainable_variables)
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
+    manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir,
+                                         max_to_keep=config.keep_checkpoints)
+    if manager.latest_checkpoint:
+        try:
+            checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        except (AssertionError, ValueError, tf.errors.OpError) as error:
+            raise ResumeError(f"cannot resume from {manager.latest_checkpoint}: "
+                              f"{error}") from None
+    start_step = int(model.optimizer.iterations.numpy())
+    if verbose:
+        what = (f"resuming at step {start_step}" if start_step
+                else "starting from scratch")
+        print(f"[pretrain] {source.spec}: {source.num_examples} images, "
+              f"{steps_per_epoch} steps/epoch, {total_steps} steps in all, "
+              f"{replicas} replica(s), {config.precision}; {what}", flush=True)
+
+    chunk = config.checkpoint_steps
+    log_dir = os.path.join(work_dir, "logs")
+    writer = tf.summary.create_file_writer(os.path.join(log_dir, "images"))
+    callbacks = [CheckpointAndGuard(manager, chunk, total_steps, schedule),
+                 *(callbacks or [])]
+    knn = None
+    if source.labelled and source.images is not None:
+        query = data.load(config.dataset, config.eval_split, config.data_dir,
+                          image_size=config.image_size, channels=channels,
+                          seed=config.seed)
+        bank_size = min(config.knn_bank_size, source.num_examples)
+        bank_index = data.class_balanced_indices(
+            source.labels, fraction=bank_size / source.num_examples, seed=config.seed)
+        knn = evaluation.KNNMonitor(
+            (source.images[bank_index], source.labels[bank_index]),
+            (query.images, query.labels), source.num_classes, steps_per_epoch,
+            config.knn_every_epochs or None, config.knn_k, config.knn_temperature,
+            writer=tf.summary.create_file_writer(os.path.join(log_dir, "knn")))
+        callbacks.append(knn)
+    if config.log_images and source.images is not None and chief:
+        callbacks.append(ViewPairsToTensorBoard(source.images[:4], writer))
+    callbacks.append(keras.callbacks.TensorBoard(log_dir, update_freq=max(1, chunk // 4)))
+
+    history = {}
+    fit_start = time.time()
+    if start_step < total_steps:
+        stream = data.training_stream(source, config.batch_size, seed=config.seed,
+                                      start_step=start_step)
+        result = model.fit(stream, initial_epoch=start_step // chunk,
+                           epochs=math.ceil(total_steps / chunk),
+                           steps_per_epoch=chunk, callbacks=callbacks, shuffle=False,
+                           verbose=verbose if sys.stdout.isatty() else
+                           (2 if verbose else 0))
+        history = result.history
+    fit_seconds = time.time() - fit_start
+    steps_run = int(model.optimizer.iterations.numpy()) - start_step
+    step = int(model.optimizer.iterations.numpy())
+    latest = manager.latest_checkpoint
+    if latest is None or not latest.endswith(f"-{step}"):
+        manager.save(checkpoint_number=step)
+
+    final = {name: float(np.ravel(values[-1])[0]) for name, values in history.items()}
+    if knn is not None:
+        final["knn_accuracy"] = knn.measure()
+    summary = {
+        "step": step,
+        "total_steps": total_steps,
+        "epochs": round(step / steps_per_epoch, 3),
+        "steps_this_run": steps_run,
+        "images_per_s": round(steps_run * config.batch_size / fit_seconds, 2)
+        if steps_run else None,
+        "wall_s": round(time.time() - started, 2),
+        "metrics": final,
+        "model_dir": config.model_dir,
+    }
+    if chief:
+        _atomic_save(model, os.path.join(config.model_dir, "simclr.keras"))
+        _atomic_save(model.encoder, os.path.join(config.model_dir, "encoder.keras"))
+        write_json(os.path.join(config.model_dir, "summary.json"), summary)
+    else:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    if verbose:
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(final.items()))
+        rate = summary["images_per_s"]
+        print(f"[pretrain] done: step {summary['step']}/{total_steps} "
+              f"({summary['epochs']} epochs), "
+              f"{rate if rate is not None else '-'} images/s, "
+              f"{summary['wall_s']} s; {shown}; outputs in {config.model_dir}",
+              flush=True)
+    keras.mixed_precision.set_global_policy("float32")
+    return summary

@@ -1,0 +1,246 @@
+import hashlib
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from contrastive_tf import data
+
+# sha256 of the embedded arrays (images, then int32 labels), as written by
+# `python -m experiments.build_embedded_data` from Debian's dataset-fashion-mnist.
+EMBEDDED_SHA256 = {
+    "train": "d74cb56789cf7bacc69738d133d8268f6e9cf925fb8d5bf86a79bd720bf402b6",
+    "test": "c50cf24c93c9fed6dd474d27e598534aa2c22140e602df78e649ef08895a5c58",
+}
+NEEDS_DEBIAN_SET = pytest.mark.skipif(
+    not os.path.isdir(data.DEBIAN_FASHION_MNIST_DIR),
+    reason="needs Debian's dataset-fashion-mnist (.ci/run installs it)")
+
+
+def _digest(source):
+    h = hashlib.sha256()
+    h.update(source.images.tobytes())
+    h.update(source.labels.astype(np.int32).tobytes())
+    return h.hexdigest()
+
+
+def test_embedded_set_is_balanced_and_shaped():
+    train, test = data.load("embedded", "train"), data.load("embedded", "test")
+    assert train.images.shape == (10000, 28, 28, 1) and train.images.dtype == np.uint8
+    assert test.images.shape == (2000, 28, 28, 1)
+    assert np.bincount(train.labels).tolist() == [1000] * 10
+    assert np.bincount(test.labels).tolist() == [200] * 10
+    assert train.class_names[0] == "t-shirt/top" and train.num_classes == 10
+    assert os.path.exists(os.path.join(os.path.dirname(data.EMBEDDED_PATH),
+                                       "LICENSE.fashion-mnist"))
+
+
+def test_embedded_set_checksum():
+    digests = {split: _digest(data.load("embedded", split)) for split in ("train", "test")}
+    assert digests == EMBEDDED_SHA256
+
+
+@NEEDS_DEBIAN_SET
+def test_embedded_set_rebuilds_byte_for_byte(tmp_path):
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "rebuilt.npz"
+    subprocess.run([sys.executable, "-m", "experiments.build_embedded_data",
+                    f"--output={out}"], cwd=root, check=True, capture_output=True)
+    with np.load(out) as rebuilt, np.load(data.EMBEDDED_PATH) as shipped:
+        for key in shipped.files:
+            np.testing.assert_array_equal(rebuilt[key], shipped[key])
+
+
+@NEEDS_DEBIAN_SET
+def test_embedded_set_is_a_subset_of_the_full_set():
+    full = data.load("fashion_mnist", "test")
+    assert full.images.shape == (10000, 28, 28, 1)
+    embedded = data.load("embedded", "test")
+    index = {img.tobytes(): int(label) for img, label in zip(full.images, full.labels)}
+    hits = [index.get(img.tobytes()) == int(label)
+            for img, label in zip(embedded.images, embedded.labels)]
+    assert all(hits)
+
+
+def test_read_idx_rejects_truncated_file(tmp_path):
+    path = tmp_path / "bad-idx3-ubyte"
+    header = bytes([0, 0, 8, 3]) + (10).to_bytes(4, "big") + (2).to_bytes(4, "big") * 2
+    path.write_bytes(header + bytes(7))
+    with pytest.raises(data.DataError, match="truncated"):
+        data.read_idx(str(path))
+
+
+def test_fashion_mnist_missing_everywhere_says_how_to_fix(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST_DIR", str(tmp_path / "none"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+    with pytest.raises(data.DataError, match="dataset-fashion-mnist"):
+        data.load_fashion_mnist("train", data_dir=str(tmp_path / "empty"))
+
+
+def _write_images(folder, count, size=(20, 14), mode="RGB", fmt="PNG", seed=0):
+    rng = np.random.RandomState(seed)
+    os.makedirs(folder, exist_ok=True)
+    for i in range(count):
+        if mode == "I;16":
+            array = rng.randint(0, 65535, size[::-1]).astype(np.uint16)
+            image = Image.fromarray(array)  # uint16 -> mode I;16
+        else:
+            array = rng.randint(0, 255, (*size[::-1], 3)).astype(np.uint8)
+            image = Image.fromarray(array, "RGB").convert(mode)
+        image.save(os.path.join(folder, f"img{i}.{fmt.lower()}"), fmt)
+
+
+def test_folder_with_classes_mixed_formats_and_corrupt_files(tmp_path, caplog):
+    root = tmp_path / "photos"
+    _write_images(root / "cats", 3, mode="RGB", fmt="JPEG")
+    _write_images(root / "cats", 2, size=(300, 7), mode="RGBA", fmt="PNG", seed=1)
+    _write_images(root / "dogs", 2, mode="L", fmt="BMP", seed=2)
+    _write_images(root / "dogs", 2, mode="P", fmt="GIF", seed=3)
+    _write_images(root / "owls", 3, mode="I;16", fmt="PNG", seed=4)
+    (root / "dogs" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    good = root / "owls" / "img0.png"
+    (root / "owls" / "truncated.png").write_bytes(good.read_bytes()[:60])
+    (root / "owls" / "notes.txt").write_text("ignored")
+    source = data.load(f"folder:{root}", "all", image_size=16, channels=3)
+    assert source.class_names == ("cats", "dogs", "owls")
+    assert source.images.shape == (12, 16, 16, 3) and source.images.dtype == np.uint8
+    assert np.bincount(source.labels).tolist() == [5, 4, 3]
+    assert len(source.skipped) == 2
+    assert any("broken.jpg" in s for s in source.skipped)
+    assert "truncated.png" in caplog.text
+    # 16-bit PNGs are scaled to 8 bits, not clipped to white.
+    owls = source.images[source.labels == 2]
+    assert 60 < owls.mean() < 200
+    gray = data.load(f"folder:{root}", "all", image_size=8, channels=1)
+    assert gray.images.shape == (12, 8, 8, 1)
+    with pytest.raises(data.DataError, match="broken.jpg"):
+        data.load(f"folder:{root}", "all", image_size=16, strict=True)
+
+
+def test_flat_folder_is_unlabelled_and_splits_deterministically(tmp_path):
+    _write_images(tmp_path / "flat", 10)
+    source = data.load(f"folder:{tmp_path / 'flat'}", "all", image_size=8)
+    assert source.labels is None and not source.labelled
+    train = data.load(f"folder:{tmp_path / 'flat'}", "train", image_size=8, test_fraction=0.3)
+    test = data.load(f"folder:{tmp_path / 'flat'}", "test", image_size=8, test_fraction=0.3)
+    assert train.num_examples == 7 and test.num_examples == 3
+    # The default split of a folder is "train": 80% by default.
+    assert data.load(f"folder:{tmp_path / 'flat'}", image_size=8).num_examples == 8
+    again = data.load(f"folder:{tmp_path / 'flat'}", "test", image_size=8, test_fraction=0.3)
+    np.testing.assert_array_equal(test.images, again.images)
+    train_rows = {img.tobytes() for img in train.images}
+    assert not any(img.tobytes() in train_rows for img in test.images)
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda p: os.makedirs(p), "no images"),
+    (lambda p: (os.makedirs(p / "a"), _write_images(p / "b", 1)), "'a' has no images"),
+])
+def test_bad_folders_fail_clearly(tmp_path, setup, message):
+    root = tmp_path / "bad"
+    setup(root)
+    with pytest.raises(data.DataError, match=message):
+        data.load(f"folder:{root}", image_size=8)
+
+
+def test_folder_of_only_corrupt_files(tmp_path):
+    os.makedirs(tmp_path / "c")
+    (tmp_path / "c" / "x.png").write_bytes(b"garbage")
+    with pytest.raises(data.DataError, match="none of the 1 files"):
+        data.load(f"folder:{tmp_path / 'c'}", image_size=8)
+
+
+def test_unknown_specs_and_names_fail_fast():
+    with pytest.raises(data.DataError, match="unknown dataset spec"):
+        data.load("cifar-ten")
+    started = time.time()
+    with pytest.raises(data.DataError, match="no TFDS dataset"):
+        data.load("tfds:not_a_dataset_xyz")
+    assert time.time() - started < 30
+
+
+def test_unprepared_tfds_dataset_fails_fast_with_instructions(tmp_path):
+    started = time.time()
+    with pytest.raises(data.DataError, match="tfds build cifar10"):
+        data.load("tfds:cifar10", data_dir=str(tmp_path))
+    assert time.time() - started < 30  # no network attempt
+
+
+def test_tfds_dataset_through_mock_data():
+    import tensorflow_datasets as tfds
+    with tfds.testing.mock_data(num_examples=12):
+        source = data.load_tfds("cifar10", "train", download=True)
+        assert source.num_classes == 10
+        batches = list(data.pipeline(source, 4, training=True, image_size=16))
+    assert len(batches) == 3
+    images, labels = batches[0]
+    assert images.shape == (4, 16, 16, 3) and images.dtype == tf.uint8
+    assert labels.dtype == tf.int32
+
+
+def test_arrays_validate_labels_and_values():
+    images = np.zeros((4, 8, 8), np.uint8)
+    source = data.from_arrays(images, [0, 1, 2, 1])
+    assert source.images.shape == (4, 8, 8, 1) and source.num_classes == 3
+    with pytest.raises(data.DataError, match="out of range"):
+        data.from_arrays(images, [0, 1, 5, 1], class_names=["a", "b"])
+    with pytest.raises(data.DataError, match="out of range"):
+        data.from_arrays(images, [0, -1, 0, 0])
+    with pytest.raises(data.DataError, match=r"\[0, 1\]"):
+        data.from_arrays(np.full((2, 4, 4, 3), 2.0), None)
+    with pytest.raises(data.DataError, match="expected 4 labels"):
+        data.from_arrays(images, [0, 1])
+
+
+def test_pipeline_batches_uint8_and_rejects_tiny_datasets():
+    source = data.from_arrays(np.zeros((10, 8, 8, 3), np.uint8), np.arange(10) % 2)
+    batches = list(data.pipeline(source, 4, training=True))
+    assert len(batches) == 2  # drop_remainder for training
+    assert batches[0][0].dtype == tf.uint8
+    assert len(list(data.pipeline(source, 4, training=False))) == 3
+    images_only = next(iter(data.pipeline(source, 4, training=True, with_labels=False)))
+    assert images_only.shape == (4, 8, 8, 3)
+    with pytest.raises(data.DataError, match="fewer than one batch"):
+        data.pipeline(source, 16, training=True)
+
+
+def test_training_stream_resumes_at_the_same_batch():
+    images = np.arange(20, dtype=np.uint8).reshape(20, 1, 1, 1)
+    source = data.from_arrays(images)
+    full = [b.numpy().ravel().tolist() for b in
+            data.training_stream(source, 4, seed=3).take(12)]
+    resumed = [b.numpy().ravel().tolist() for b in
+               data.training_stream(source, 4, seed=3, start_step=7).take(5)]
+    assert resumed == full[7:12]
+    # each epoch (5 steps) is a permutation of all 20 images
+    assert sorted(sum(full[:5], [])) == list(range(20))
+    assert full[:5] != full[5:10]
+
+
+@pytest.mark.parametrize("fraction, per_class", [(0.01, None), (0.1, None), (None, 7)])
+def test_label_fractions_are_balanced_and_deterministic(fraction, per_class, tmp_path):
+    labels = np.repeat(np.arange(10), 300)
+    chosen = data.class_balanced_indices(labels, fraction, per_class, seed=1)
+    expected = per_class or int(round(fraction * 300))
+    assert np.bincount(labels[chosen]).tolist() == [expected] * 10
+    np.testing.assert_array_equal(
+        chosen, data.class_balanced_indices(labels, fraction, per_class, seed=1))
+    assert not np.array_equal(
+        chosen, data.class_balanced_indices(labels, fraction, per_class, seed=2))
+    path = tmp_path / "subset.json"
+    data.write_indices(str(path), chosen, fraction=fraction, seed=1)
+    assert json.loads(path.read_text())["indices"] == chosen.tolist()
+
+
+def test_label_fraction_errors():
+    with pytest.raises(ValueError, match="exactly one"):
+        data.class_balanced_indices([0, 1], 0.5, 1)
+    with pytest.raises(ValueError, match="fewer than per_class"):
+        data.class_balanced_indices([0, 0, 1], per_class=2)

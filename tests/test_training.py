@@ -1,0 +1,172 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--dataset=embedded", "--image_size=16", "--base_width=4",
+        "--projection_layers=2", "--projection_dim=8", "--batch_size=32",
+        "--optimizer=lars", "--learning_rate=0.5", "--warmup_epochs=0",
+        "--knn_bank_size=500", "--knn_k=20"]
+
+
+def _run(args, timeout=300, **kwargs):
+    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2",
+               CUDA_VISIBLE_DEVICES="")
+    return subprocess.run([sys.executable, "-m", "experiments.pretrain", *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
+
+
+def _checkpoints(model_dir):
+    folder = os.path.join(model_dir, "checkpoints")
+    if not os.path.isdir(folder):
+        return []
+    return sorted(int(f.split("-")[1].split(".")[0]) for f in os.listdir(folder)
+                  if f.startswith("ckpt-") and f.endswith(".index"))
+
+
+@pytest.mark.slow
+def test_job_end_to_end_through_absl(tmp_path):
+    model_dir = str(tmp_path / "run")
+    result = _run([*TINY, "--train_steps=6", "--checkpoint_steps=4",
+                   f"--model_dir={model_dir}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[pretrain] done: step 6/6" in result.stdout
+    summary = json.load(open(os.path.join(model_dir, "summary.json")))
+    assert summary["step"] == 6 and summary["total_steps"] == 6
+    assert summary["images_per_s"] > 0 and summary["wall_s"] > 0
+    assert summary["epochs"] == pytest.approx(6 / (10000 // 32), abs=1e-3)
+    assert {"loss", "contrastive_accuracy", "knn_accuracy"} <= set(summary["metrics"])
+    assert 0 <= summary["metrics"]["knn_accuracy"] <= 1
+    config = json.load(open(os.path.join(model_dir, "config.json")))
+    assert config["depth"] == 18 and config["channels"] == 1
+    assert _checkpoints(model_dir) == [4, 6]
+    assert os.path.isdir(os.path.join(model_dir, "logs"))
+    # The final models load without custom_objects.
+    check = subprocess.run(
+        [sys.executable, "-c",
+         "import keras, contrastive_tf, numpy as np;"
+         f"m = keras.models.load_model('{model_dir}/simclr.keras');"
+         f"e = keras.models.load_model('{model_dir}/encoder.keras');"
+         "x = np.zeros((2, 28, 28, 1), 'uint8');"
+         "print(m.predict(x, verbose=0).shape)"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env=dict(os.environ, PYTHONPATH=ROOT))
+    assert check.returncode == 0, check.stderr[-2000:]
+    assert "(2, 32)" in check.stdout
+
+    # A different architecture in the same model_dir is refused.
+    refused = _run([*TINY, "--base_width=8", "--train_steps=8",
+                    f"--model_dir={model_dir}"])
+    assert refused.returncode != 0
+    assert "refusing to resume" in refused.stderr
+    assert "base_width: checkpoint has 4, now 8" in refused.stderr
+
+
+@pytest.mark.slow
+def test_killed_job_resumes_and_ends_at_the_planned_step(tmp_path):
+    model_dir = str(tmp_path / "run")
+    args = [*TINY, "--train_steps=150", "--checkpoint_steps=4",
+            f"--model_dir={model_dir}"]
+    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.pretrain", *args],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not _checkpoints(model_dir):
+        time.sleep(0.02)
+    assert _checkpoints(model_dir), "no checkpoint was written in time"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = _checkpoints(model_dir)[-1]
+    assert killed_at < 150, "the run finished before it could be killed"
+    result = _run(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming at step {killed_at}" in result.stdout
+    summary = json.load(open(os.path.join(model_dir, "summary.json")))
+    assert summary["step"] == 150
+    assert summary["steps_this_run"] == 150 - killed_at
+    assert _checkpoints(model_dir)[-1] == 150
+
+
+def test_invalid_flags_fail_before_any_work(tmp_path):
+    for bad, message in [("--temperature=0", "temperature must be > 0"),
+                         ("--depth=20", "depth"),
+                         ("--precision=fp8", "precision")]:
+        started = time.time()
+        result = _run([*TINY, bad, f"--model_dir={tmp_path / 'x'}"], timeout=120)
+        assert result.returncode != 0
+        assert message in result.stderr, result.stderr[-2000:]
+        assert not os.path.exists(tmp_path / "x" / "checkpoints")
+        assert time.time() - started < 60
+
+
+_DETERMINISM_SCRIPT = """
+import sys, numpy as np, keras
+from contrastive_tf import training
+from contrastive_tf.config import PretrainConfig
+
+class Crash(keras.callbacks.Callback):
+    def on_train_batch_end(self, batch, logs=None):
+        if int(self.model.optimizer.iterations.numpy()) == 4:
+            raise KeyboardInterrupt("simulated crash")
+
+config = PretrainConfig(model_dir=sys.argv[1], image_size=16, base_width=4,
+                        projection_layers=2, projection_dim=8, batch_size=32,
+                        train_steps=8, checkpoint_steps=4, warmup_epochs=0,
+                        learning_rate=0.5, deterministic=True, log_images=False,
+                        knn_bank_size=200, knn_k=10)
+if sys.argv[2] == "crash":
+    try:
+        training.pretrain(config, verbose=0, callbacks=[Crash()])
+    except KeyboardInterrupt:
+        pass
+training.pretrain(config, verbose=0)
+model = keras.models.load_model(sys.argv[1] + "/simclr.keras")
+np.savez(sys.argv[1] + "/weights.npz", *[w.numpy() for w in model.weights])
+"""
+
+
+@pytest.mark.slow
+def test_resumed_run_matches_uninterrupted_run_with_op_determinism(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
+    dirs = {}
+    for mode in ("straight", "crash"):
+        dirs[mode] = str(tmp_path / mode)
+        result = subprocess.run([sys.executable, "-c", _DETERMINISM_SCRIPT,
+                                 dirs[mode], mode], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    straight = np.load(os.path.join(dirs["straight"], "weights.npz"))
+    resumed = np.load(os.path.join(dirs["crash"], "weights.npz"))
+    assert len(straight.files) > 10
+    for key in straight.files:
+        np.testing.assert_array_equal(straight[key], resumed[key])
+
+
+def test_non_finite_loss_stops_without_overwriting_the_checkpoint(tmp_path):
+    import keras
+    import tensorflow as tf
+    from contrastive_tf import optim, training
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    model.optimizer.build(model.trainable_variables)
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
+    manager = tf.train.CheckpointManager(checkpoint, str(tmp_path), max_to_keep=3)
+    manager.save(checkpoint_number=0)
+    guard = training.CheckpointAndGuard(manager, every_steps=1, total_steps=10,
+                                        schedule=optim.WarmupCosine(1.0, 0, 10))
+    guard.set_model(model)
+    model.optimizer.iterations.assign(1)
+    with pytest.raises(training.NonFiniteLossError, match="at step 1"):
+        guard.on_train_batch_end(0, {"loss": np.float32("nan")})
+    assert manager.latest_checkpoint.endswith("ckpt-0")
+    guard.on_train_batch_end(0, {"loss": np.float32(1.0)})
+    assert manager.latest_checkpoint.endswith("ckpt-1")

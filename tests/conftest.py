@@ -15,3 +15,18 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "slow: takes more than a few seconds (CI runs it; "
         "`pytest -m 'not slow'` skips it for a quick run)")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def mirrored():
+    """One MirroredStrategy over the two logical CPUs for the whole session.
+
+    Collective-op instance keys are per strategy; several strategies running
+    collectives in one process can collide ("Collective instance N expected
+    type ..."), so every test shares this one.
+    """
+    names = [d.name for d in tf.config.list_logical_devices("CPU")[:2]]
+    return tf.distribute.MirroredStrategy(names)

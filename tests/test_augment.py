@@ -224,9 +224,8 @@ def test_random_stream_continues_after_checkpoint_restore(tmp_path):
     np.testing.assert_allclose(fresh(images).numpy(), expected)
 
 
-def test_replicas_draw_different_views():
-    cpus = [d.name for d in tf.config.list_logical_devices("CPU")[:2]]
-    strategy = tf.distribute.MirroredStrategy(cpus)
+def test_replicas_draw_different_views(mirrored):
+    strategy = mirrored
     with strategy.scope():
         augmenter = SimCLRAugmenter(SIZE, seed=1)
     images = np.repeat(_colourful(1), 8, axis=0)  # 4 identical images per replica

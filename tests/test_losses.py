@@ -55,15 +55,10 @@ def test_nt_xent_rejects_bad_temperature(temperature):
         ct.nt_xent(np.ones((2, 2)), np.ones((2, 2)), temperature)
 
 
-def _mirrored():
-    cpus = tf.config.list_logical_devices("CPU")
-    assert len(cpus) >= 2, "conftest sets up two logical CPU devices"
-    return tf.distribute.MirroredStrategy([d.name for d in cpus[:2]])
-
-
-def test_global_negatives_across_replicas_match_single_replica():
+def test_global_negatives_across_replicas_match_single_replica(mirrored):
     """Loss and gradients under 2 replicas equal those on one device."""
-    strategy = _mirrored()
+    strategy = mirrored
+    assert strategy.num_replicas_in_sync == 2
     rng = np.random.RandomState(3)
     n, dim, temperature = 8, 5, 0.3
     x1 = rng.normal(size=(n, dim)).astype(np.float32)

@@ -10,6 +10,9 @@ $(STAMP): requirements.txt requirements-dev.txt setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
+	# gRPC client protos; --no-deps because it declares the full `tensorflow`
+	# package, while the CPU build installed above provides all it imports.
+	$(PY) -m pip install -q --no-deps tensorflow-serving-api==2.21.0
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

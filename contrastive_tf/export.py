@@ -1,0 +1,275 @@
+"""SavedModel export in TF Serving's layout, and loading exports back.
+
+An export is `<export_root>/<model_name>/<version>/` holding a SavedModel and
+`model_card.json`. Its endpoints:
+
+    serving_default  (tensorflow/serving/predict)  images: string[batch]
+                     JPEG/PNG/BMP/GIF bytes, decoded and preprocessed inside
+                     the graph (base64 `{"b64": ...}` in TF Serving's REST JSON)
+    predict_images   images: float32[batch, height, width, channels] in [0, 1]
+    features         images: float32[...] -> named intermediates, BN in
+                     inference mode
+    features_training  the same with BN in training mode (for fine-tuning)
+
+Encoders return `embedding` (h) and, with a projection head, `projection`
+(z); classifiers return `probabilities`, `class_id` and `class_name`.
+Versions are written to a temporary, non-integer directory and renamed into
+place when complete, so TF Serving never sees half a model.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import uuid
+from typing import Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from contrastive_tf import augment
+
+
+class ExportError(RuntimeError):
+    """An export that cannot be written as asked."""
+
+
+def versions(base: str) -> list[int]:
+    """Integer versions present under `<export_root>/<model_name>`."""
+    if not os.path.isdir(base):
+        return []
+    return sorted(int(name) for name in os.listdir(base)
+                  if name.isdigit() and os.path.isdir(os.path.join(base, name)))
+
+
+def _feature_model(encoder: keras.Model) -> keras.Model:
+    """The encoder with its block-group outputs exposed by name."""
+    outputs = {}
+    for layer in encoder.layers:
+        if layer.name.startswith("stage") and layer.name[5:].isdigit():
+            outputs[f"block_group{layer.name[5:]}"] = layer.output
+    outputs["embedding"] = encoder.output
+    return keras.Model(encoder.inputs, outputs, name=f"{encoder.name}_features")
+
+
+class _Servable:
+    """The endpoints of an export, written through `keras.export.ExportArchive`.
+
+    (A plain `tf.saved_model.save` of Keras 3 layers writes SavedModels whose
+    variables the graph-mode loader used by TF Serving and `saved_model_cli
+    run` cannot find; Keras' export archive tracks them the way it needs.)
+    """
+
+    def __init__(self, encoder, head, classifier, image_size, channels,
+                 class_names):
+        self.features_model = _feature_model(encoder) if encoder is not None else None
+        self.head = head
+        self.classifier = classifier
+        self.image_size = int(image_size)
+        self.channels = int(channels)
+        self.crop_fraction = 1.0 if image_size <= 32 else 0.875
+        self.class_names = tf.constant(list(class_names or []), tf.string)
+
+
+    def archive(self) -> keras.export.ExportArchive:
+        archive = keras.export.ExportArchive()
+        for part in (self.features_model, self.head, self.classifier):
+            if part is not None:
+                archive.track(part)
+        float_spec = [tf.TensorSpec([None, None, None, self.channels], tf.float32, "images")]
+        archive.add_endpoint("serving_default", self._serve_bytes,
+                             [tf.TensorSpec([None], tf.string, "images")])
+        archive.add_endpoint("predict_images", self._serve_floats, float_spec)
+        if self.features_model is not None:
+            archive.add_endpoint("features", lambda images: self._features(images, False),
+                                 float_spec)
+            archive.add_endpoint("features_training",
+                                 lambda images: self._features(images, True), float_spec)
+        return archive
+
+    def _preprocess(self, images):
+        images = tf.clip_by_value(tf.cast(images, tf.float32), 0.0, 1.0)
+        return augment.center_crop_and_resize(
+            images, (self.image_size, self.image_size), self.crop_fraction)
+
+    def _decode(self, encoded):
+        def decode_one(data):
+            tf.debugging.assert_greater(tf.strings.length(data), 0,
+                                        message="empty image bytes")
+            image = tf.io.decode_image(data, channels=self.channels,
+                                       expand_animations=False, dtype=tf.uint8)
+            image = tf.cast(image, tf.float32) / 255.0
+            return self._preprocess(image[None])[0]
+
+        return tf.map_fn(decode_one, encoded, fn_output_signature=tf.TensorSpec(
+            [self.image_size, self.image_size, self.channels], tf.float32))
+
+    def _outputs(self, images):
+        if self.classifier is not None:
+            logits = tf.cast(self.classifier(images, training=False), tf.float32)
+            class_id = tf.argmax(logits, axis=-1, output_type=tf.int32)
+            outputs = {"probabilities": tf.nn.softmax(logits), "class_id": class_id}
+            if self.class_names.shape[0]:
+                outputs["class_name"] = tf.gather(self.class_names, class_id)
+            return outputs
+        features = self.features_model(images, training=False)
+        outputs = {"embedding": tf.cast(features["embedding"], tf.float32)}
+        if self.head is not None:
+            outputs["projection"] = tf.cast(self.head(features["embedding"],
+                                                      training=False), tf.float32)
+        return outputs
+
+    def _serve_bytes(self, images):
+        return self._outputs(self._decode(images))
+
+    def _serve_floats(self, images):
+        return self._outputs(self._preprocess(images))
+
+    def _features(self, images, training):
+        outputs = dict(self.features_model(self._preprocess(images), training=training))
+        if self.head is not None:
+            hidden = self.head.hidden_outputs(outputs["embedding"], training=training)
+            for index, value in enumerate(hidden[1:]):
+                outputs[f"projection_layer{index + 1}"] = value
+            outputs["finetune_features"] = hidden[self.head.ft_layer]
+        return {name: tf.cast(value, tf.float32) for name, value in outputs.items()}
+
+
+def _library_versions() -> dict:
+    import keras_cv
+    return {"tensorflow": tf.__version__, "keras": keras.__version__,
+            "keras_cv": keras_cv.__version__,
+            "contrastive_tf": __import__("contrastive_tf").__version__}
+
+
+def _write(servable: _Servable, export_root: str, model_name: str,
+           version: int | None, overwrite: bool, card: dict) -> str:
+    base = os.path.join(export_root, model_name)
+    os.makedirs(base, exist_ok=True)
+    if version is None:
+        version = (versions(base) or [0])[-1] + 1
+    if int(version) < 1:
+        raise ExportError(f"version must be a positive integer, got {version}")
+    target = os.path.join(base, str(int(version)))
+    if os.path.exists(target) and not overwrite:
+        raise ExportError(f"{target} exists; pass overwrite=True (--overwrite) to "
+                          "replace it, or leave the version unset for the next one")
+    staging = os.path.join(base, f".tmp-{version}-{uuid.uuid4().hex[:8]}")
+    try:
+        servable.archive().write_out(staging, verbose=False)
+        card = dict(card, version=int(version),
+                    exported_at=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                    libraries=_library_versions(),
+                    input={"serving_default": "string[batch]: encoded image bytes",
+                           "predict_images": f"float32[batch, h, w, {servable.channels}] in [0, 1]",
+                           "image_size": servable.image_size,
+                           "channels": servable.channels})
+        with open(os.path.join(staging, "model_card.json"), "w") as f:
+            json.dump(card, f, indent=2, sort_keys=True, default=str)
+        if os.path.exists(target):  # overwrite: move the old one aside first
+            trash = os.path.join(base, f".old-{version}-{uuid.uuid4().hex[:8]}")
+            os.rename(target, trash)
+            os.rename(staging, target)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(staging, target)
+    finally:
+        if os.path.exists(staging):
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def export_encoder(encoder: keras.Model, export_root: str, model_name: str, *,
+                   projection_head: keras.layers.Layer | None = None,
+                   version: int | None = None, overwrite: bool = False,
+                   card: dict | None = None) -> str:
+    """Exports an encoder (and optionally its projection head).
+
+    Args:
+        encoder: image -> features model, e.g. `SimCLR.encoder`; its input
+            size is the serving image size.
+        export_root: folder holding one subfolder per model name.
+        model_name: the TF Serving model name.
+        projection_head: adds `projection` and the head's layers.
+        version: integer version. Defaults to the next free one.
+        overwrite: replace an existing version.
+        card: extra model-card fields (training data, metrics, ...).
+
+    Returns:
+        The version directory written.
+    """
+    size, channels = int(encoder.input.shape[1]), int(encoder.input.shape[-1])
+    servable = _Servable(encoder, projection_head, None, size, channels, None)
+    card = dict(card or {}, kind="encoder", encoder=encoder.name,
+                encoder_config=_encoder_summary(encoder),
+                projection_head=(projection_head.get_config()
+                                 if projection_head is not None else None))
+    return _write(servable, export_root, model_name, version, overwrite, card)
+
+
+def export_classifier(classifier: keras.Model, export_root: str, model_name: str,
+                      *, class_names: Sequence[str] | None = None,
+                      version: int | None = None, overwrite: bool = False,
+                      card: dict | None = None) -> str:
+    """Exports a classifier (images in [0, 1] -> logits)."""
+    size, channels = int(classifier.input.shape[1]), int(classifier.input.shape[-1])
+    num_classes = int(classifier.output.shape[-1])
+    if class_names is not None and len(class_names) != num_classes:
+        raise ExportError(f"{len(class_names)} class names for {num_classes} outputs")
+    servable = _Servable(None, None, classifier, size, channels, class_names)
+    card = dict(card or {}, kind="classifier", classifier=classifier.name,
+                num_classes=num_classes, class_names=list(class_names or []))
+    return _write(servable, export_root, model_name, version, overwrite, card)
+
+
+def _encoder_summary(encoder: keras.Model) -> dict:
+    return {"input_shape": list(encoder.input.shape[1:]),
+            "feature_dim": int(encoder.output.shape[-1]),
+            "parameters": int(sum(np.prod(v.shape) for v in encoder.weights))}
+
+
+class _ExportedFeatures(keras.layers.TFSMLayer):
+    """`TFSMLayer` whose weights get names Keras optimisers accept.
+
+    TFSMLayer names each weight after its TF variable ("conv/kernel:0" ->
+    "conv_kernel:0"); optimisers such as Adam then fail to name their slots
+    (":" is not allowed in a scope). The weights still wrap the SavedModel's
+    own variables, so training updates the export's variables.
+    """
+
+    def _add_existing_weight(self, weight):
+        variable = keras.Variable(
+            initializer=weight, trainable=weight.trainable, dtype=weight.dtype,
+            shape=weight.shape,
+            name=weight.name.split(":")[0].replace("/", "_"))
+        self._track_variable(variable)
+
+
+def load_for_finetuning(path: str, output: str = "finetune_features",
+                        trainable: bool = True) -> keras.Model:
+    """A Keras model from float images to one output of an encoder export.
+
+    The SavedModel's own variables are the model's weights: fine-tuning
+    trains them (BN uses the `features_training` endpoint when training).
+
+    Args:
+        path: a version directory of an encoder export.
+        output: which output of the features endpoint, e.g. "embedding",
+            "finetune_features" (the head layer fine-tuning starts from) or
+            "block_group4".
+        trainable: whether the loaded variables train.
+    """
+    layer = _ExportedFeatures(path, call_endpoint="features",
+                                   call_training_endpoint="features_training",
+                                   trainable=trainable)
+    with open(os.path.join(path, "model_card.json")) as f:
+        card = json.load(f)
+    size, channels = card["input"]["image_size"], card["input"]["channels"]
+    inputs = keras.Input((size, size, channels), name="images")
+    outputs = layer(inputs)
+    if output not in outputs:
+        raise ExportError(f"{path} has no output {output!r}; it has {sorted(outputs)}")
+    return keras.Model(inputs, outputs[output], name="exported_encoder")

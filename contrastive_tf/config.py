@@ -109,3 +109,43 @@ def write_json(path: str, payload: dict) -> None:
 def read_json(path: str) -> dict:
     with open(path) as f:
         return json.load(f)
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """The semi-supervised pipeline: pretrain, probe, fine-tune, baseline, distil."""
+    output_dir: str
+    pretrain: PretrainConfig
+    fractions: tuple[float, ...] = (0.01, 0.1)
+    val_fraction: float = 0.1
+    finetune_epochs: int = 30
+    finetune_batch_size: int = 64
+    finetune_learning_rate: float = 0.05
+    finetune_min_steps: int = 10
+    supervised_learning_rate: float = 0.05
+    patience: int = 8
+    finetune_crop_min_area: float = 0.3
+    probe_epochs: int = 100
+    knn_k: int = 20
+    distill_fraction: float = 0.1
+    distill_epochs: int = 3
+    distill_temperature: float = 1.0
+    distill_learning_rate: float = 0.05
+    student_base_width: int = 0  # 0: same size as the teacher
+    seed: int = 0
+
+    def __post_init__(self):
+        checks = [
+            (all(0 < f <= 1 for f in self.fractions), "fractions must lie in (0, 1]"),
+            (0 < self.val_fraction < 0.5, "val_fraction must lie in (0, 0.5)"),
+            (self.distill_fraction in self.fractions,
+             "distill_fraction must be one of the fractions"),
+            (self.finetune_epochs > 0 and self.distill_epochs > 0, "epochs must be > 0"),
+            (self.distill_temperature > 0, "distill_temperature must be > 0"),
+        ]
+        problems = [message for ok, message in checks if not ok]
+        if problems:
+            raise ValueError("Invalid pipeline config: " + "; ".join(problems))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

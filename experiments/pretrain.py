@@ -55,12 +55,15 @@ flags.DEFINE_integer("knn_k", 200, "Neighbours of the kNN monitor.")
 flags.DEFINE_integer("knn_bank_size", 10000, "Labelled training images in the kNN bank.")
 flags.DEFINE_integer("seed", 0, "Random seed.")
 flags.DEFINE_bool("deterministic", False, "Enable TF op determinism.")
-flags.mark_flag_as_required("model_dir")
 
 
-def config_from_flags() -> PretrainConfig:
+def config_from_flags(model_dir: str | None = None) -> PretrainConfig:
+    """The PretrainConfig the flags describe (also used by the pipeline job)."""
+    model_dir = model_dir or FLAGS.model_dir
+    if not model_dir:
+        raise ValueError("--model_dir is required")
     return PretrainConfig(
-        model_dir=FLAGS.model_dir, dataset=FLAGS.dataset, data_dir=FLAGS.data_dir,
+        model_dir=model_dir, dataset=FLAGS.dataset, data_dir=FLAGS.data_dir,
         train_split=FLAGS.train_split, eval_split=FLAGS.eval_split, image_size=FLAGS.image_size,
         channels=FLAGS.channels, depth=int(FLAGS.depth),
         width_multiplier=FLAGS.width_multiplier, sk_ratio=FLAGS.sk_ratio,

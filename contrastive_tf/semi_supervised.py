@@ -1,0 +1,283 @@
+"""The label-efficiency pipeline (SimCLRv2's semi-supervised recipe).
+
+pretrain (no labels) -> linear probe and kNN -> fine-tune on 1% / 10% of the
+labels -> the same architecture trained from scratch on the same labels ->
+distil the fine-tuned teacher into a student on all (unlabelled) training
+images -> export -> results.json, results.md, label_efficiency.png.
+
+Model selection (early stopping) for both fine-tuning and the supervised
+baseline uses a class-balanced validation split carved out of the training
+images, disjoint from the labelled subsets; the test split is used only to
+report the final numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import keras
+import numpy as np
+
+from contrastive_tf import data, evaluation, export, finetune, optim, training
+from contrastive_tf.backbones import resnet
+from contrastive_tf.config import PipelineConfig, write_json
+from contrastive_tf.distill import Distiller
+from contrastive_tf.heads import ProjectionHead
+
+METHODS = ("linear_probe", "knn", "simclr_finetune", "supervised_baseline",
+           "distilled_student")
+
+
+def _say(message: str) -> None:
+    print(f"[pipeline] {message}", flush=True)
+
+
+def _fraction_key(fraction: float) -> str:
+    return repr(float(fraction))
+
+
+def _fresh_encoder_and_head(config, base_width=None):
+    encoder = resnet(config.depth, config.width_multiplier, sk_ratio=config.sk_ratio,
+                     base_width=base_width or config.base_width,
+                     input_shape=(config.image_size, config.image_size, config.channels))
+    head = None
+    if config.ft_layer > 0:
+        head = ProjectionHead(config.projection_layers, config.projection_dim,
+                              ft_layer=config.ft_layer)
+        head.build(encoder.output.shape)
+    return encoder, head
+
+
+def _save_classifier(classifier, class_names, folder):
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, "classifier.tmp.keras")
+    classifier.save(tmp)
+    os.replace(tmp, os.path.join(folder, "classifier.keras"))
+    write_json(os.path.join(folder, "class_names.json"), list(class_names))
+
+
+def run_pipeline(config: PipelineConfig) -> dict:
+    """Runs every stage and writes the results; returns results.json's dict."""
+    started = time.time()
+    out = config.output_dir
+    os.makedirs(out, exist_ok=True)
+    write_json(os.path.join(out, "pipeline_config.json"), config.to_dict())
+    timings = {}
+    pre = config.pretrain
+
+    # 1. Pretraining, without labels.
+    _say(f"1/6 pretraining SimCLR on {pre.dataset} ({pre.epochs} epochs)")
+    t0 = time.time()
+    pretrain_dir = pre.model_dir
+    summary = training.pretrain(pre)
+    timings["pretrain_s"] = round(time.time() - t0, 1)
+    pre = dataclasses.replace(pre, channels=data.load(
+        pre.dataset, pre.train_split, pre.data_dir, image_size=pre.image_size,
+        channels=pre.channels).image_shape[-1])
+
+    # Data: a validation split, then labelled subsets from what is left.
+    full = data.load(pre.dataset, pre.train_split, pre.data_dir,
+                     image_size=pre.image_size, channels=pre.channels, seed=config.seed)
+    test = data.load(pre.dataset, pre.eval_split, pre.data_dir,
+                     image_size=pre.image_size, channels=pre.channels, seed=config.seed)
+    if not full.labelled:
+        raise data.DataError(f"{pre.dataset}: the pipeline needs labels for its "
+                             "labelled subsets and evaluation")
+    val_index = data.class_balanced_indices(full.labels, config.val_fraction,
+                                            seed=config.seed + 1)
+    pool_index = np.setdiff1d(np.arange(full.num_examples), val_index)
+    val, pool = full.subset(val_index), full.subset(pool_index)
+    subsets = {}
+    for fraction in config.fractions:
+        per_class = max(1, int(round(fraction * full.num_examples / full.num_classes)))
+        chosen = data.class_balanced_indices(pool.labels, per_class=per_class,
+                                             seed=config.seed)
+        subsets[fraction] = pool.subset(chosen)
+        data.write_indices(os.path.join(out, f"labelled_{fraction}.json"),
+                           pool_index[chosen], fraction=fraction, seed=config.seed,
+                           dataset=pre.dataset, split=pre.train_split)
+    subsets[1.0] = pool
+    _say(f"data: {pool.num_examples} training images ({full.num_classes} classes), "
+         f"{val.num_examples} validation, {test.num_examples} test; labelled subsets "
+         + ", ".join(f"{f:g}: {subsets[f].num_examples}" for f in config.fractions))
+
+    results = {method: {} for method in METHODS}
+
+    def load_pretrained():
+        return keras.models.load_model(os.path.join(pretrain_dir, "simclr.keras"))
+
+    # 2. Linear probe and kNN on frozen features.
+    _say("2/6 linear probe and kNN on frozen features")
+    t0 = time.time()
+    model = load_pretrained()
+
+    def encode(source):
+        return evaluation.embed(lambda x: model(x, training=False), source.images)
+
+    test_features = encode(test)
+    pool_features = encode(pool)
+    position = {int(i): n for n, i in enumerate(pool_index)}
+    for fraction in [*config.fractions, 1.0]:
+        if fraction == 1.0:
+            rows = np.arange(pool.num_examples)
+        else:
+            rows = np.array([position[int(i)] for i in json.load(open(
+                os.path.join(out, f"labelled_{fraction}.json")))["indices"]])
+        labels = pool.labels[rows]
+        key = _fraction_key(fraction)
+        results["linear_probe"][key] = evaluation.linear_probe(
+            pool_features[rows], labels, test_features, test.labels,
+            full.num_classes, epochs=config.probe_epochs, seed=config.seed)
+        results["knn"][key] = evaluation.knn_accuracy(
+            pool_features[rows], labels, test_features, test.labels, full.num_classes,
+            k=min(config.knn_k, len(rows)), temperature=pre.knn_temperature)
+        _say(f"   {fraction:g} labels: linear {results['linear_probe'][key]:.4f}, "
+             f"kNN {results['knn'][key]:.4f}")
+    timings["probe_s"] = round(time.time() - t0, 1)
+
+    finetune_args = dict(epochs=config.finetune_epochs, batch_size=config.finetune_batch_size,
+                         patience=config.patience, crop_min_area=config.finetune_crop_min_area,
+                         min_steps=config.finetune_min_steps, seed=config.seed)
+
+    # 3. Fine-tuning from the pretrained encoder (and first head layer).
+    _say("3/6 fine-tuning the pretrained encoder on the labelled subsets")
+    t0 = time.time()
+    teacher = None
+    for fraction in config.fractions:
+        model = load_pretrained()
+        head = model.projection_head if pre.ft_layer > 0 else None
+        classifier = finetune.build_classifier(model.encoder, full.num_classes, head,
+                                               name=f"simclr_finetune_{fraction:g}")
+        result = finetune.train_classifier(
+            classifier, subsets[fraction], val, test,
+            learning_rate=config.finetune_learning_rate, **finetune_args)
+        results["simclr_finetune"][_fraction_key(fraction)] = result.test_accuracy
+        _say(f"   {fraction:g} labels: test {result.test_accuracy:.4f} (val "
+             f"{result.val_accuracy:.4f}, best epoch {result.best_epoch}/{result.epochs_run})")
+        if fraction == config.distill_fraction:
+            teacher = classifier
+            _save_classifier(classifier, full.class_names,
+                             os.path.join(out, f"finetune_{fraction:g}"))
+    timings["finetune_s"] = round(time.time() - t0, 1)
+
+    # 4. Supervised baseline: same architecture, same labels, from scratch.
+    _say("4/6 supervised baseline from scratch on the same labelled subsets")
+    t0 = time.time()
+    for fraction in config.fractions:
+        keras.utils.set_random_seed(config.seed)
+        encoder, head = _fresh_encoder_and_head(pre)
+        classifier = finetune.build_classifier(encoder, full.num_classes, head,
+                                               name=f"supervised_{fraction:g}")
+        result = finetune.train_classifier(
+            classifier, subsets[fraction], val, test,
+            learning_rate=config.supervised_learning_rate, **finetune_args)
+        results["supervised_baseline"][_fraction_key(fraction)] = result.test_accuracy
+        _say(f"   {fraction:g} labels: test {result.test_accuracy:.4f} (val "
+             f"{result.val_accuracy:.4f}, best epoch {result.best_epoch}/{result.epochs_run})")
+    timings["supervised_s"] = round(time.time() - t0, 1)
+
+    # 5. Distillation of the teacher into a student on all training images.
+    _say(f"5/6 distilling the {config.distill_fraction:g}-label teacher into a student "
+         "on all training images (no labels)")
+    t0 = time.time()
+    keras.utils.set_random_seed(config.seed)
+    encoder, head = _fresh_encoder_and_head(pre, config.student_base_width or None)
+    student = finetune.build_classifier(encoder, full.num_classes, head, name="student")
+    distiller = Distiller(teacher, student,
+                          finetune.finetune_augmenter(pre.image_size,
+                                                      config.finetune_crop_min_area,
+                                                      config.seed),
+                          temperature=config.distill_temperature)
+    unlabelled = dataclasses.replace(pool, labels=None)
+    steps = pool.num_examples // pre.batch_size
+    distiller.compile(optimizer=optim.make_optimizer(
+        "sgd", optim.WarmupCosine(config.distill_learning_rate, steps,
+                                  steps * config.distill_epochs), 1e-4))
+    distiller.fit(data.training_stream(unlabelled, pre.batch_size, seed=config.seed),
+                  steps_per_epoch=steps, epochs=config.distill_epochs, verbose=2)
+    student_accuracy = finetune.evaluate_classifier(student, test)
+    teacher_accuracy = results["simclr_finetune"][_fraction_key(config.distill_fraction)]
+    results["distilled_student"][_fraction_key(config.distill_fraction)] = student_accuracy
+    _say(f"   student test {student_accuracy:.4f} (teacher {teacher_accuracy:.4f})")
+    _save_classifier(student, full.class_names, os.path.join(out, "student"))
+    timings["distill_s"] = round(time.time() - t0, 1)
+
+    # 6. Exports for TF Serving.
+    _say("6/6 exporting encoder, classifier and student")
+    exports_root = os.path.join(out, "exports")
+    model = load_pretrained()
+    card = {"training_data": pre.dataset, "pretrain_summary": summary.get("metrics")}
+    paths = {
+        "encoder": export.export_encoder(model.encoder, exports_root, "simclr_encoder",
+                                         projection_head=model.projection_head,
+                                         overwrite=True, version=1, card=card),
+        "classifier": export.export_classifier(
+            teacher, exports_root, "simclr_classifier", class_names=full.class_names,
+            version=1, overwrite=True,
+            card=dict(card, labelled_fraction=config.distill_fraction,
+                      test_accuracy=teacher_accuracy)),
+        "student": export.export_classifier(
+            student, exports_root, "distilled_student", class_names=full.class_names,
+            version=1, overwrite=True, card=dict(card, test_accuracy=student_accuracy)),
+    }
+
+    report = dict(results)
+    report.update({"config": config.to_dict(), "wall_s": round(time.time() - started, 1),
+                   "timings": timings, "exports": paths,
+                   "pretrain_summary": summary})
+    write_json(os.path.join(out, "results.json"), report)
+    table = results_table(results)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(f"# Label efficiency on {pre.dataset} (test accuracy)\n\n{table}\n")
+    plot_label_efficiency(results, os.path.join(out, "label_efficiency.png"),
+                          title=f"{pre.dataset}: test accuracy vs labelled fraction")
+    print("\n" + table + "\n", flush=True)
+    _say(f"done in {report['wall_s']} s; results.json, results.md and "
+         f"label_efficiency.png are in {out}")
+    return report
+
+
+def results_table(results: dict) -> str:
+    """A Markdown table: one row per method, one column per label fraction."""
+    fractions = sorted({float(k) for method in results.values() for k in method})
+    header = "| method | " + " | ".join(f"{f:.0%} labels" for f in fractions) + " |"
+    lines = [header, "|---|" + "---|" * len(fractions)]
+    for method in METHODS:
+        cells = [f"{results[method][_fraction_key(f)]:.2%}" if _fraction_key(f) in results[method]
+                 else "" for f in fractions]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_label_efficiency(results: dict, path: str, title: str) -> None:
+    """Accuracy against labelled fraction (log axis) for each method."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    styles = {"supervised_baseline": ("supervised from scratch", "o-", "tab:gray"),
+              "simclr_finetune": ("SimCLR fine-tuned", "s-", "tab:blue"),
+              "linear_probe": ("SimCLR linear probe", "^--", "tab:green"),
+              "knn": ("SimCLR kNN", "v:", "tab:olive"),
+              "distilled_student": ("distilled student", "*", "tab:red")}
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    for method, (label, style, colour) in styles.items():
+        points = sorted((float(k), v) for k, v in results.get(method, {}).items())
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, [100 * y for y in ys], style, label=label, color=colour,
+                    markersize=9 if method == "distilled_student" else 6)
+    ax.set_xscale("log")
+    ax.set_xlabel("fraction of training labels used")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -19,7 +19,7 @@ $(STAMP): requirements.txt requirements-dev.txt setup.py
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m experiments.pipeline --flagfile=experiments/configs/demo.flags --output_dir=runs/demo
+	$(PY) -m experiments.pipeline --flagfile=experiments/configs/demo_pipeline.flags --output_dir=runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests

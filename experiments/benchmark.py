@@ -1,0 +1,217 @@
+"""Throughput benchmark of the SimCLR training step and its parts.
+
+    python -m experiments.benchmark                 # everything, appends to BENCHMARKS.md
+    python -m experiments.benchmark --only=r18_b128_32px_bf16 --nowrite
+
+Prints one line per measurement, `bench NAME key=value ...`, and appends a
+dated section (command, machine, library versions, table) to BENCHMARKS.md.
+Step times are medians of --steps timed steps after --warmup steps. FLOPs are
+counted from the layers (1 multiply-add = 2 FLOPs; backward = 2x forward) and
+compared with the tf.matmul peak measured in the same run and precision.
+"""
+
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("only", None, "Run only this measurement (see --list).")
+flags.DEFINE_bool("list", False, "List the measurements and exit.")
+flags.DEFINE_integer("steps", 5, "Timed steps per measurement.")
+flags.DEFINE_integer("warmup", 2, "Untimed warm-up steps.")
+flags.DEFINE_bool("write", True, "Append the results to BENCHMARKS.md.")
+flags.DEFINE_string("output", "BENCHMARKS.md", "Where results are appended.")
+flags.DEFINE_bool("smoke", False, "Tiny sizes, for the test suite.")
+
+# name -> (depth, image size, batch, precision, base width)
+STEPS = {
+    "r18_b128_32px_fp32": (18, 32, 128, "float32", 64),
+    "r18_b128_32px_bf16": (18, 32, 128, "mixed_bfloat16", 64),
+    "r50_b64_64px_bf16": (50, 64, 64, "mixed_bfloat16", 64),
+}
+GPU_STEPS = {
+    "r18_b512_32px_fp16": (18, 32, 512, "mixed_float16", 64),
+    "r50_b256_224px_bf16": (50, 224, 256, "mixed_bfloat16", 64),
+}
+NTXENT_BATCHES = (256, 1024, 4096, 8192)
+
+
+def _median_time(fn, steps, warmup):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_peak(precision: str, size: int = 2048) -> float:
+    """GFLOP/s of a size x size matmul in a tf.function."""
+    import tensorflow as tf
+    dtype = tf.bfloat16 if "bfloat16" in precision else (
+        tf.float16 if "float16" in precision else tf.float32)
+    a = tf.random.normal((size, size), dtype=tf.float32)
+    a, b = tf.cast(a, dtype), tf.cast(tf.transpose(a), dtype)
+    f = tf.function(lambda: tf.reduce_sum(tf.cast(tf.matmul(a, b), tf.float32)))
+    seconds = _median_time(lambda: f().numpy(), 7, 2)
+    return 2 * size ** 3 / seconds / 1e9
+
+
+def forward_flops(model) -> float:
+    """FLOPs of one forward pass of one image, from conv and dense layers."""
+    import keras
+    total = 0.0
+    for layer in _leaf_layers(model):
+        if isinstance(layer, keras.layers.Conv2D):
+            out = layer.output.shape
+            k = layer.kernel.shape
+            total += 2.0 * out[1] * out[2] * k[0] * k[1] * k[2] * k[3]
+        elif isinstance(layer, keras.layers.Dense):
+            total += 2.0 * layer.kernel.shape[0] * layer.kernel.shape[1]
+    return total
+
+
+def _leaf_layers(model):
+    for layer in model.layers:
+        if hasattr(layer, "layers") and layer.layers:
+            yield from _leaf_layers(layer)
+        else:
+            yield layer
+
+
+def bench_step(name, depth, size, batch, precision, base_width, steps, warmup):
+    import keras
+    import numpy as np
+    import tensorflow as tf
+    import contrastive_tf as ct
+
+    keras.mixed_precision.set_global_policy(precision)
+    keras.utils.set_random_seed(0)
+    encoder = ct.resnet(depth, input_shape=(size, size, 3), base_width=base_width)
+    head = ct.ProjectionHead(2, 128)
+    augmenter = ct.SimCLRAugmenter(size, blur=size > 32, seed=0)
+    model = ct.SimCLR(encoder, augmenter, head, temperature=0.5)
+    model.compile(optimizer=ct.LARS(0.1))
+    images = np.random.RandomState(0).randint(0, 256, (batch, size, size, 3)).astype(np.uint8)
+    images = tf.constant(images)
+    step = lambda: model.train_on_batch(images)  # noqa: E731
+    step_s = _median_time(step, steps, warmup)
+    augment = tf.function(lambda x: (augmenter(x), augmenter(x)))
+    augment_s = _median_time(lambda: [v.numpy() for v in augment(images)], steps, warmup)
+    head_input = keras.Input((encoder.output.shape[-1],))
+    head_flops = 2.0 * sum(int(np.prod(w.shape)) for w in head.weights if len(w.shape) == 2)
+    del head_input
+    flops_step = 3 * 2 * batch * (forward_flops(encoder) + head_flops)
+    peak = matmul_peak(precision)
+    keras.mixed_precision.set_global_policy("float32")
+    return {
+        "images_per_s": round(batch / step_s, 2),
+        "views_per_s": round(2 * batch / step_s, 2),
+        "step_s": round(step_s, 4),
+        "gflop_per_step": round(flops_step / 1e9, 2),
+        "gflops": round(flops_step / step_s / 1e9, 1),
+        "matmul_peak_gflops": round(peak, 1),
+        "mfu": round(flops_step / step_s / 1e9 / peak, 3),
+        "augment_s": round(augment_s, 4),
+        "augment_share": round(augment_s / step_s, 3),
+        "augment_images_per_s": round(2 * batch / augment_s, 1),
+        "forward_gflop_per_image": round(forward_flops(encoder) / 1e9, 3),
+    }
+
+
+def bench_ntxent(batch, steps, warmup):
+    """Runs in a child process so its peak memory is its own."""
+    code = f"""
+import json, resource, time, statistics, tensorflow as tf, contrastive_tf as ct
+z1 = tf.random.normal(({batch}, 128)); z2 = tf.random.normal(({batch}, 128))
+f = tf.function(lambda a, b: ct.nt_xent(a, b, 0.1))
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for _ in range({warmup}): f(z1, z2).numpy()
+times = []
+for _ in range({steps}):
+    s = time.perf_counter(); f(z1, z2).numpy(); times.append(time.perf_counter() - s)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({{"step_s": statistics.median(times), "peak_rss_mb": peak / 1024,
+                  "extra_rss_mb": (peak - base) / 1024}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), timeout=900)
+    if out.returncode:
+        return {"error": out.stderr.strip().splitlines()[-1][:200]}
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return {k: round(v, 4 if k == "step_s" else 1) for k, v in result.items()}
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import tensorflow as tf
+    gpus = tf.config.list_physical_devices("GPU")
+    gpu = ", ".join(tf.config.experimental.get_device_details(g).get("device_name", g.name)
+                    for g in gpus) or "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {gpu}"
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    import keras
+    import tensorflow as tf
+    import keras_cv
+    steps_table = dict(STEPS)
+    if tf.config.list_physical_devices("GPU"):
+        steps_table.update(GPU_STEPS)
+    ntxent_batches = NTXENT_BATCHES
+    if FLAGS.smoke:
+        steps_table = {"smoke_r18_b8_16px_fp32": (18, 16, 8, "float32", 4)}
+        ntxent_batches = (64,)
+    names = list(steps_table) + [f"ntxent_b{b}" for b in ntxent_batches]
+    if FLAGS.list:
+        print("\n".join(names))
+        return
+    if FLAGS.only and FLAGS.only not in names:
+        raise app.UsageError(f"--only={FLAGS.only} is not one of {names}")
+    rows = []
+    for name in names:
+        if FLAGS.only and name != FLAGS.only:
+            continue
+        if name.startswith("ntxent_b"):
+            result = bench_ntxent(int(name[len("ntxent_b"):]), FLAGS.steps, FLAGS.warmup)
+        else:
+            result = bench_step(name, *steps_table[name], FLAGS.steps, FLAGS.warmup)
+        rows.append((name, result))
+        print(f"bench {name} " + " ".join(f"{k}={v}" for k, v in result.items()), flush=True)
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"bench process peak_rss_mb={peak_rss:.0f}", flush=True)
+    if not FLAGS.write:
+        return
+    command = "python -m experiments.benchmark " + " ".join(sys.argv[1:])
+    lines = [f"\n## {datetime.date.today().isoformat()}: `{command.strip()}`\n",
+             f"- machine: {machine()}",
+             f"- libraries: tensorflow {tf.__version__}, keras {keras.__version__}, "
+             f"keras-cv {keras_cv.__version__}, Python {platform.python_version()}",
+             f"- process peak RSS: {peak_rss:.0f} MB\n",
+             "| measurement | results |", "|---|---|"]
+    for name, result in rows:
+        lines.append(f"| {name} | " + ", ".join(f"{k}={v}" for k, v in result.items()) + " |")
+    with open(FLAGS.output, "a") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"appended to {FLAGS.output}")
+
+
+if __name__ == "__main__":
+    app.run(main)

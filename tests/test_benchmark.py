@@ -1,0 +1,39 @@
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_benchmark_smoke(tmp_path):
+    out = tmp_path / "bench.md"
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.benchmark", "--smoke", "--steps=2",
+         "--warmup=1", f"--output={out}"], cwd=ROOT, capture_output=True, text=True,
+        timeout=600, env=dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [l for l in result.stdout.splitlines() if l.startswith("bench ")]
+    step = next(l for l in lines if l.startswith("bench smoke_r18"))
+    values = dict(kv.split("=") for kv in step.split()[2:])
+    assert float(values["images_per_s"]) > 0
+    assert float(values["views_per_s"]) == pytest_approx(2 * float(values["images_per_s"]))
+    assert 0 < float(values["mfu"]) < 1.5 and float(values["matmul_peak_gflops"]) > 1
+    assert 0 < float(values["augment_share"])
+    ntxent = next(l for l in lines if l.startswith("bench ntxent_b64"))
+    assert "peak_rss_mb=" in ntxent and "step_s=" in ntxent
+    text = out.read_text()
+    assert "--smoke" in text and "machine:" in text and "smoke_r18_b8_16px_fp32" in text
+
+
+def pytest_approx(value):
+    import pytest
+    return pytest.approx(value, rel=0.02)
+
+
+def test_resnet18_cifar_forward_flops_match_the_published_count():
+    # The issue quotes about 1.12 GFLOP for one ResNet-18 CIFAR forward at 32 px
+    # (0.56 G multiply-adds, the usual figure for CIFAR ResNet-18).
+    from experiments.benchmark import forward_flops
+    import contrastive_tf as ct
+    flops = forward_flops(ct.resnet(18, input_shape=(32, 32, 3)))
+    assert abs(flops / 1e9 - 1.11) < 0.03

@@ -1,0 +1,130 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import keras
+
+import contrastive_tf as ct
+from contrastive_tf import data, finetune, semi_supervised
+from contrastive_tf.distill import Distiller
+from tests.testing import tiny_encoder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _separable(count, seed=0):
+    """Images whose class is their brightness: easy to learn quickly."""
+    rng = np.random.RandomState(seed)
+    labels = np.arange(count) % 3
+    images = (labels[:, None, None, None] * 100 + rng.randint(0, 40, (count, 16, 16, 1)))
+    return data.from_arrays(images.astype(np.uint8), labels, ["dark", "mid", "bright"])
+
+
+def test_build_classifier_starts_from_the_chosen_head_layer():
+    encoder = tiny_encoder(16, 1)
+    head = ct.ProjectionHead(3, 8, ft_layer=1)
+    head.build(encoder.output.shape)
+    classifier = finetune.build_classifier(encoder, 5, head)
+    x = np.random.RandomState(0).rand(2, 16, 16, 1).astype("float32")
+    features = head.finetune_features(encoder(x, training=False), training=False)
+    logits_layer = classifier.get_layer("logits")
+    np.testing.assert_allclose(
+        classifier(x, training=False),
+        features @ logits_layer.kernel.numpy() + logits_layer.bias.numpy(), atol=1e-5)
+    # shares, not copies, the encoder's weights
+    assert any(w is encoder.weights[0] for w in classifier.weights)
+
+
+def test_train_classifier_learns_and_keeps_best_validation_weights():
+    train, val, test = _separable(48), _separable(30, 1), _separable(30, 2)
+    keras.utils.set_random_seed(0)
+    classifier = finetune.build_classifier(tiny_encoder(16, 1), 3)
+    result = finetune.train_classifier(classifier, train, val, test, epochs=8,
+                                       batch_size=16, learning_rate=0.05, patience=3)
+    assert result.test_accuracy > 0.8
+    assert 1 <= result.best_epoch <= result.epochs_run <= 8
+    assert finetune.evaluate_classifier(classifier, test) == pytest.approx(result.test_accuracy)
+
+
+def test_distiller_moves_the_student_towards_the_teacher():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((16, 16, 1))
+    teacher = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(inputs)))
+    student = finetune.build_classifier(tiny_encoder(16, 1), 3)
+    distiller = Distiller(teacher, student, finetune.finetune_augmenter(16, 0.5))
+    distiller.compile(optimizer=keras.optimizers.Adam(3e-3))
+    images = _separable(64).images
+    history = distiller.fit(tf.data.Dataset.from_tensor_slices(images).batch(32).repeat(),
+                            steps_per_epoch=10, epochs=4, verbose=0)
+    loss = history.history["loss"]
+    assert loss[-1] < loss[0]
+    assert history.history["teacher_agreement"][-1] > history.history["teacher_agreement"][0]
+    teacher_before = [w.numpy().copy() for w in teacher.weights]
+    distiller.fit(tf.data.Dataset.from_tensor_slices(images).batch(32), epochs=1, verbose=0)
+    for before, w in zip(teacher_before, teacher.weights):
+        np.testing.assert_array_equal(before, w.numpy())  # the teacher is frozen
+
+
+def test_distiller_rejects_mismatched_classes():
+    inputs = keras.Input((8, 8, 1))
+    a = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(inputs)))
+    b = keras.Model(inputs, keras.layers.Dense(4)(keras.layers.Flatten()(inputs)))
+    with pytest.raises(ValueError, match="classes"):
+        Distiller(a, b, finetune.finetune_augmenter(8))
+
+
+def test_results_table_and_plot(tmp_path):
+    results = {"linear_probe": {"0.01": 0.7, "0.1": 0.8, "1.0": 0.85},
+               "knn": {"1.0": 0.83}, "simclr_finetune": {"0.01": 0.72, "0.1": 0.84},
+               "supervised_baseline": {"0.01": 0.6, "0.1": 0.8},
+               "distilled_student": {"0.1": 0.845}}
+    table = semi_supervised.results_table(results)
+    assert "| simclr_finetune | 72.00% | 84.00% |  |" in table
+    path = str(tmp_path / "plot.png")
+    semi_supervised.plot_label_efficiency(results, path, "test")
+    from PIL import Image
+    with Image.open(path) as image:
+        assert image.size == (768, 528)
+        assert len(set(image.convert("L").getdata())) > 20  # not blank
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end_on_a_tiny_budget(tmp_path):
+    out = tmp_path / "run"
+    args = ["--dataset=embedded", "--image_size=16", "--base_width=4",
+            "--projection_layers=2", "--projection_dim=8", "--batch_size=64",
+            "--train_steps=3", "--knn_bank_size=200", "--finetune_epochs=2",
+            "--finetune_min_steps=2", "--probe_epochs=2", "--distill_epochs=1",
+            f"--output_dir={out}"]
+    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
+    result = subprocess.run([sys.executable, "-m", "experiments.pipeline", *args],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| simclr_finetune |" in result.stdout
+    report = json.load(open(out / "results.json"))
+    for method in semi_supervised.METHODS:
+        assert report[method], method
+        assert all(0.0 <= v <= 1.0 for v in report[method].values())
+    assert set(report["simclr_finetune"]) == {"0.01", "0.1"}
+    assert set(report["linear_probe"]) == {"0.01", "0.1", "1.0"}
+    assert set(report["distilled_student"]) == {"0.1"}
+    assert report["wall_s"] > 0 and report["config"]["pretrain"]["dataset"] == "embedded"
+    assert os.path.getsize(out / "label_efficiency.png") > 1000
+    assert (out / "results.md").read_text().startswith("# Label efficiency")
+    subset = json.load(open(out / "labelled_0.01.json"))
+    assert subset["count"] == 100 and len(set(subset["indices"])) == 100
+    # The exported classifier reproduces the fine-tuned model's test accuracy.
+    test = data.load("embedded", "test")
+    served = tf.saved_model.load(str(out / "exports" / "simclr_classifier" / "1"))
+    predict = served.signatures["predict_images"]
+    correct = 0
+    for start in range(0, test.num_examples, 500):
+        images = tf.constant(test.images[start:start + 500] / 255.0, tf.float32)
+        correct += int(np.sum(predict(images=images)["class_id"].numpy()
+                              == test.labels[start:start + 500]))
+    assert correct / test.num_examples == pytest.approx(report["simclr_finetune"]["0.1"],
+                                                        abs=1e-3)

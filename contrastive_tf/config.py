@@ -123,15 +123,17 @@ class PipelineConfig:
     finetune_learning_rate: float = 0.05
     finetune_min_steps: int = 10
     supervised_learning_rate: float = 0.05
+    supervised_epochs: int = 60
     patience: int = 8
     finetune_crop_min_area: float = 0.3
-    probe_epochs: int = 100
+    probe_steps: int = 1000
     knn_k: int = 20
     distill_fraction: float = 0.1
     distill_epochs: int = 3
     distill_temperature: float = 1.0
     distill_learning_rate: float = 0.05
     student_base_width: int = 0  # 0: same size as the teacher
+    student_init: str = "pretrained"  # or "scratch"
     seed: int = 0
 
     def __post_init__(self):
@@ -142,6 +144,10 @@ class PipelineConfig:
              "distill_fraction must be one of the fractions"),
             (self.finetune_epochs > 0 and self.distill_epochs > 0, "epochs must be > 0"),
             (self.distill_temperature > 0, "distill_temperature must be > 0"),
+            (self.student_init in ("pretrained", "scratch"),
+             "student_init must be 'pretrained' or 'scratch'"),
+            (self.student_init == "scratch" or self.student_base_width in (0, self.pretrain.base_width),
+             "a student of another width must start from scratch (student_init='scratch')"),
         ]
         problems = [message for ok, message in checks if not ok]
         if problems:

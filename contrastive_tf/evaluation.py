@@ -52,33 +52,37 @@ def knn_accuracy(bank_features, bank_labels, query_features, query_labels,
 
 
 def linear_probe(train_features, train_labels, test_features, test_labels,
-                 num_classes: int, epochs: int = 100, learning_rate: float = 0.1,
-                 weight_decay: float = 1e-4, batch_size: int = 256,
-                 seed: int = 0) -> float:
+                 num_classes: int, steps: int = 1000, learning_rate: float = 0.01,
+                 weight_decay: float = 1e-4, seed: int = 0) -> float:
     """Test accuracy of a softmax classifier trained on frozen features.
 
     Features are standardised with the training set's statistics; the
-    classifier trains with Adam and a cosine schedule.
+    classifier is fitted full-batch (the features fit in memory) with Adam
+    for `steps` steps, L2 `weight_decay`, in float32.
     """
     mean = train_features.mean(axis=0, keepdims=True)
     std = train_features.std(axis=0, keepdims=True) + 1e-6
-    x_train = ((train_features - mean) / std).astype(np.float32)
-    x_test = ((test_features - mean) / std).astype(np.float32)
-    keras.utils.set_random_seed(seed)
-    steps = epochs * int(np.ceil(len(x_train) / batch_size))
-    classifier = keras.Sequential([
-        keras.Input((x_train.shape[1],)),
-        keras.layers.Dense(num_classes, dtype="float32",
-                           kernel_regularizer=keras.regularizers.L2(weight_decay))])
-    classifier.compile(
-        optimizer=keras.optimizers.Adam(
-            keras.optimizers.schedules.CosineDecay(learning_rate * 0.01, steps)),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"])
-    classifier.fit(x_train, np.asarray(train_labels), batch_size=batch_size,
-                   epochs=epochs, verbose=0, shuffle=True)
-    return float(classifier.evaluate(x_test, np.asarray(test_labels),
-                                     verbose=0, batch_size=1024)[1])
+    x_train = tf.constant((train_features - mean) / std, tf.float32)
+    x_test = tf.constant((test_features - mean) / std, tf.float32)
+    y_train = tf.constant(np.asarray(train_labels), tf.int32)
+    rng = np.random.RandomState(seed)
+    dim = x_train.shape[1]
+    kernel = tf.Variable(rng.normal(0, 0.01, (dim, num_classes)).astype(np.float32))
+    bias = tf.Variable(np.zeros(num_classes, np.float32))
+    optimizer = keras.optimizers.Adam(learning_rate)
+
+    @tf.function
+    def fit():
+        for _ in tf.range(steps):
+            with tf.GradientTape() as tape:
+                logits = tf.matmul(x_train, kernel) + bias
+                loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+                    y_train, logits)) + weight_decay * tf.reduce_sum(tf.square(kernel))
+            optimizer.apply(tape.gradient(loss, [kernel, bias]), [kernel, bias])
+
+    fit()
+    predicted = np.argmax((tf.matmul(x_test, kernel) + bias).numpy(), axis=1)
+    return float(np.mean(predicted == np.asarray(test_labels)))
 
 
 class KNNMonitor(keras.callbacks.Callback):

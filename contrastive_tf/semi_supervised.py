@@ -130,7 +130,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
         key = _fraction_key(fraction)
         results["linear_probe"][key] = evaluation.linear_probe(
             pool_features[rows], labels, test_features, test.labels,
-            full.num_classes, epochs=config.probe_epochs, seed=config.seed)
+            full.num_classes, steps=config.probe_steps, seed=config.seed)
         results["knn"][key] = evaluation.knn_accuracy(
             pool_features[rows], labels, test_features, test.labels, full.num_classes,
             k=min(config.knn_k, len(rows)), temperature=pre.knn_temperature)
@@ -138,7 +138,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
              f"kNN {results['knn'][key]:.4f}")
     timings["probe_s"] = round(time.time() - t0, 1)
 
-    finetune_args = dict(epochs=config.finetune_epochs, batch_size=config.finetune_batch_size,
+    finetune_args = dict(batch_size=config.finetune_batch_size,
                          patience=config.patience, crop_min_area=config.finetune_crop_min_area,
                          min_steps=config.finetune_min_steps, seed=config.seed)
 
@@ -153,7 +153,8 @@ def run_pipeline(config: PipelineConfig) -> dict:
                                                name=f"simclr_finetune_{fraction:g}")
         result = finetune.train_classifier(
             classifier, subsets[fraction], val, test,
-            learning_rate=config.finetune_learning_rate, **finetune_args)
+            epochs=config.finetune_epochs, learning_rate=config.finetune_learning_rate,
+            **finetune_args)
         results["simclr_finetune"][_fraction_key(fraction)] = result.test_accuracy
         _say(f"   {fraction:g} labels: test {result.test_accuracy:.4f} (val "
              f"{result.val_accuracy:.4f}, best epoch {result.best_epoch}/{result.epochs_run})")
@@ -173,7 +174,8 @@ def run_pipeline(config: PipelineConfig) -> dict:
                                                name=f"supervised_{fraction:g}")
         result = finetune.train_classifier(
             classifier, subsets[fraction], val, test,
-            learning_rate=config.supervised_learning_rate, **finetune_args)
+            epochs=config.supervised_epochs, learning_rate=config.supervised_learning_rate,
+            **finetune_args)
         results["supervised_baseline"][_fraction_key(fraction)] = result.test_accuracy
         _say(f"   {fraction:g} labels: test {result.test_accuracy:.4f} (val "
              f"{result.val_accuracy:.4f}, best epoch {result.best_epoch}/{result.epochs_run})")
@@ -184,7 +186,14 @@ def run_pipeline(config: PipelineConfig) -> dict:
          "on all training images (no labels)")
     t0 = time.time()
     keras.utils.set_random_seed(config.seed)
-    encoder, head = _fresh_encoder_and_head(pre, config.student_base_width or None)
+    if config.student_init == "pretrained":
+        # Same size as the teacher, starting from the unlabelled pretraining
+        # (not from the teacher's fine-tuned weights).
+        model = load_pretrained()
+        encoder = model.encoder
+        head = model.projection_head if pre.ft_layer > 0 else None
+    else:
+        encoder, head = _fresh_encoder_and_head(pre, config.student_base_width or None)
     student = finetune.build_classifier(encoder, full.num_classes, head, name="student")
     distiller = Distiller(teacher, student,
                           finetune.finetune_augmenter(pre.image_size,

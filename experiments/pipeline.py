@@ -23,15 +23,19 @@ flags.DEFINE_integer("finetune_batch_size", 64, "Fine-tuning batch size.")
 flags.DEFINE_float("finetune_learning_rate", 0.05, "Fine-tuning peak learning rate.")
 flags.DEFINE_integer("finetune_min_steps", 10, "Minimum steps per fine-tuning epoch.")
 flags.DEFINE_float("supervised_learning_rate", 0.05, "Supervised baseline peak learning rate.")
+flags.DEFINE_integer("supervised_epochs", 60, "Maximum supervised-baseline epochs (early "
+                     "stopping on validation ends it sooner).")
 flags.DEFINE_integer("patience", 8, "Early-stopping patience in epochs.")
 flags.DEFINE_float("finetune_crop_min_area", 0.3, "Smallest crop area when fine-tuning.")
-flags.DEFINE_integer("probe_epochs", 100, "Linear-probe epochs.")
+flags.DEFINE_integer("probe_steps", 1000, "Full-batch steps of the linear probe.")
 flags.DEFINE_integer("probe_knn_k", 20, "Neighbours for the kNN evaluation.")
 flags.DEFINE_float("distill_fraction", 0.1, "Which fine-tuned model teaches the student.")
 flags.DEFINE_integer("distill_epochs", 3, "Distillation epochs over the training images.")
 flags.DEFINE_float("distill_temperature", 1.0, "Distillation temperature.")
 flags.DEFINE_float("distill_learning_rate", 0.05, "Distillation peak learning rate.")
 flags.DEFINE_integer("student_base_width", 0, "Student ResNet base width (0: teacher's).")
+flags.DEFINE_enum("student_init", "pretrained", ["pretrained", "scratch"],
+                  "Student starts from the pretrained encoder or from scratch.")
 
 
 def main(argv):
@@ -52,12 +56,14 @@ def main(argv):
             finetune_learning_rate=FLAGS.finetune_learning_rate,
             finetune_min_steps=FLAGS.finetune_min_steps,
             supervised_learning_rate=FLAGS.supervised_learning_rate,
+            supervised_epochs=FLAGS.supervised_epochs,
             patience=FLAGS.patience, finetune_crop_min_area=FLAGS.finetune_crop_min_area,
-            probe_epochs=FLAGS.probe_epochs, knn_k=FLAGS.probe_knn_k,
+            probe_steps=FLAGS.probe_steps, knn_k=FLAGS.probe_knn_k,
             distill_fraction=FLAGS.distill_fraction, distill_epochs=FLAGS.distill_epochs,
             distill_temperature=FLAGS.distill_temperature,
             distill_learning_rate=FLAGS.distill_learning_rate,
-            student_base_width=FLAGS.student_base_width, seed=FLAGS.seed)
+            student_base_width=FLAGS.student_base_width,
+            student_init=FLAGS.student_init, seed=FLAGS.seed)
     except ValueError as error:
         raise app.UsageError(str(error))
     from contrastive_tf import semi_supervised

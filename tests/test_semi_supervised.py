@@ -98,7 +98,8 @@ def test_pipeline_end_to_end_on_a_tiny_budget(tmp_path):
     args = ["--dataset=embedded", "--image_size=16", "--base_width=4",
             "--projection_layers=2", "--projection_dim=8", "--batch_size=64",
             "--train_steps=3", "--knn_bank_size=200", "--finetune_epochs=2",
-            "--finetune_min_steps=2", "--probe_epochs=2", "--distill_epochs=1",
+            "--finetune_min_steps=2", "--probe_steps=20", "--distill_epochs=1",
+            "--supervised_epochs=2",
             f"--output_dir={out}"]
     env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
     result = subprocess.run([sys.executable, "-m", "experiments.pipeline", *args],

@@ -50,7 +50,9 @@ class FinetuneResult:
 
 
 def _trainer(classifier: keras.Model, augmenter: keras.layers.Layer) -> keras.Model:
-    inputs = keras.Input(classifier.input.shape[1:], dtype="uint8", name="images")
+    # Any image size: the augmenter crops and resizes to the classifier's input.
+    channels = classifier.input.shape[-1]
+    inputs = keras.Input((None, None, channels), dtype="uint8", name="images")
     return keras.Model(inputs, classifier(augmenter(inputs)), name="trainer")
 
 

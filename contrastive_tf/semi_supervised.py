@@ -137,6 +137,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
         _say(f"   {fraction:g} labels: linear {results['linear_probe'][key]:.4f}, "
              f"kNN {results['knn'][key]:.4f}")
     timings["probe_s"] = round(time.time() - t0, 1)
+    _pictures(out, pretrain_dir, model, pool, pool_features, test, test_features, config)
 
     finetune_args = dict(batch_size=config.finetune_batch_size,
                          patience=config.patience, crop_min_area=config.finetune_crop_min_area,
@@ -247,6 +248,24 @@ def run_pipeline(config: PipelineConfig) -> dict:
     _say(f"done in {report['wall_s']} s; results.json, results.md and "
          f"label_efficiency.png are in {out}")
     return report
+
+
+def _pictures(out, pretrain_dir, model, pool, pool_features, test, test_features, config):
+    """Views, training curves, neighbours and the embedding map, as PNGs."""
+    from contrastive_tf import visualize
+    rng = np.random.RandomState(config.seed)
+    visualize.view_grid(pool.images[rng.choice(pool.num_examples, 6, replace=False)],
+                        model.augmenter, os.path.join(out, "views.png"))
+    history_path = os.path.join(pretrain_dir, "history.json")
+    if os.path.exists(history_path):
+        visualize.training_curves(json.load(open(history_path)),
+                                  os.path.join(out, "training_curves.png"))
+    queries = rng.choice(test.num_examples, 6, replace=False)
+    visualize.neighbour_grid(test.images[queries], test.labels[queries], pool.images,
+                             pool.labels, test_features[queries], pool_features,
+                             test.class_names, os.path.join(out, "neighbours.png"))
+    visualize.embedding_map(test_features, test.labels, test.class_names,
+                            os.path.join(out, "embedding_map.png"))
 
 
 def results_table(results: dict) -> str:

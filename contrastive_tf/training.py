@@ -145,6 +145,16 @@ def _check_resumable(config: PretrainConfig, config_path: str, has_checkpoint: b
             "delete that one to start over.")
 
 
+def _append_history(path: str, history: dict, knn_points: list, chunk: int) -> None:
+    """Keeps per-interval metrics across resumed runs, for the curves."""
+    previous = read_json(path) if os.path.exists(path) else {}
+    merged = {"steps_per_point": chunk,
+              "knn": [tuple(p) for p in previous.get("knn", [])] + [list(p) for p in knn_points]}
+    for name, values in history.items():
+        merged[name] = previous.get(name, []) + [float(np.ravel(v)[0]) for v in values]
+    write_json(path, merged)
+
+
 def _atomic_save(model: keras.Model, path: str) -> None:
     tmp = path + ".tmp.keras"
     model.save(tmp)
@@ -274,6 +284,10 @@ def pretrain(config: PretrainConfig, verbose: int = 1,
     final = {name: float(np.ravel(values[-1])[0]) for name, values in history.items()}
     if knn is not None:
         final["knn_accuracy"] = knn.measure()
+        knn.history.append((step, final["knn_accuracy"]))
+    if chief:
+        _append_history(os.path.join(config.model_dir, "history.json"), history,
+                        knn.history if knn is not None else [], chunk)
     summary = {
         "step": step,
         "total_steps": total_steps,

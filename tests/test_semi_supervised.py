@@ -89,7 +89,7 @@ def test_results_table_and_plot(tmp_path):
     from PIL import Image
     with Image.open(path) as image:
         assert image.size == (768, 528)
-        assert len(set(image.convert("L").getdata())) > 20  # not blank
+        assert np.asarray(image.convert("L")).std() > 5  # not blank
 
 
 @pytest.mark.slow

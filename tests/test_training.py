@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--dataset=embedded", "--image_size=16", "--base_width=4",
@@ -79,13 +80,20 @@ def test_killed_job_resumes_and_ends_at_the_planned_step(tmp_path):
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
-    while time.time() < deadline and not _checkpoints(model_dir):
+    # Kill as soon as the first checkpoint is complete (listed in the
+    # CheckpointManager's state file), usually while the next one is written.
+    while time.time() < deadline and tf.train.latest_checkpoint(
+            os.path.join(model_dir, "checkpoints")) is None:
         time.sleep(0.02)
-    assert _checkpoints(model_dir), "no checkpoint was written in time"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    killed_at = _checkpoints(model_dir)[-1]
+    latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+    assert latest is not None, "no checkpoint was completed in time"
+    killed_at = int(latest.rsplit("-", 1)[1])
     assert killed_at < 150, "the run finished before it could be killed"
+    # Every checkpoint left on disk is readable.
+    for step in _checkpoints(model_dir):
+        tf.train.load_checkpoint(os.path.join(model_dir, "checkpoints", f"ckpt-{step}"))
     result = _run(args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming at step {killed_at}" in result.stdout

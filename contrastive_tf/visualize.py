@@ -1,0 +1,141 @@
+"""Pictures: augmented views, training curves, neighbours, the embedding map.
+
+Every function writes a PNG (matplotlib, Agg backend; no display needed),
+atomically, and returns its path.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path: str) -> str:
+    plt = _pyplot()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _show(ax, image, title=None, colour=None):
+    image = np.asarray(image, dtype=np.float32)
+    if image.max() > 1.0:
+        image = image / 255.0
+    if image.shape[-1] == 1:
+        ax.imshow(image[..., 0], cmap="gray", vmin=0, vmax=1)
+    else:
+        ax.imshow(np.clip(image, 0, 1))
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=8, color=colour or "black")
+    if colour:
+        for spine in ax.spines.values():
+            spine.set_edgecolor(colour)
+            spine.set_linewidth(3)
+
+
+def view_grid(images, augmenter, path: str, pairs: int = 3,
+              title: str = "SimCLR views") -> str:
+    """Each row: an original image, then `pairs` positive pairs of views."""
+    plt = _pyplot()
+    images = np.asarray(images)
+    rows = len(images)
+    originals = augmenter(images, training=False).numpy()
+    views = [(augmenter(images).numpy(), augmenter(images).numpy()) for _ in range(pairs)]
+    fig, axes = plt.subplots(rows, 1 + 2 * pairs, figsize=(1.3 * (1 + 2 * pairs), 1.4 * rows),
+                             dpi=100, squeeze=False)
+    for r in range(rows):
+        _show(axes[r, 0], originals[r], "original" if r == 0 else None)
+        for p, (first, second) in enumerate(views):
+            _show(axes[r, 1 + 2 * p], first[r], f"pair {p + 1}: view 1" if r == 0 else None)
+            _show(axes[r, 2 + 2 * p], second[r], "view 2" if r == 0 else None)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def training_curves(history: dict, path: str, title: str = "SimCLR pretraining") -> str:
+    """Loss, contrastive accuracy, kNN accuracy and learning rate per epoch.
+
+    `history` maps metric names to lists (Keras History.history), with an
+    optional "knn" list of (step, accuracy) and "steps_per_point".
+    """
+    plt = _pyplot()
+    panels = [("loss", "NT-Xent loss"), ("contrastive_accuracy", "contrastive accuracy"),
+              ("knn", "kNN accuracy"), ("learning_rate", "learning rate")]
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3.2), dpi=100)
+    step = history.get("steps_per_point", 1)
+    for ax, (key, label) in zip(axes, panels):
+        values = history.get(key) or []
+        if key == "knn" and values:
+            xs, ys = zip(*values)
+        else:
+            ys = values
+            xs = [step * (i + 1) for i in range(len(ys))]
+        if len(ys):
+            ax.plot(xs, ys, "o-" if len(ys) < 30 else "-", markersize=3)
+        else:
+            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(label)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def neighbour_grid(query_images, query_labels, bank_images, bank_labels,
+                   query_features, bank_features, class_names: Sequence[str],
+                   path: str, neighbours: int = 8) -> str:
+    """Each row: a query image and its nearest neighbours by cosine
+    similarity; neighbours of another class are framed in red."""
+    plt = _pyplot()
+    q = query_features / np.linalg.norm(query_features, axis=1, keepdims=True)
+    b = bank_features / np.linalg.norm(bank_features, axis=1, keepdims=True)
+    nearest = np.argsort(-(q @ b.T), axis=1)[:, :neighbours]
+    rows = len(query_images)
+    fig, axes = plt.subplots(rows, neighbours + 1, figsize=(1.25 * (neighbours + 1), 1.45 * rows),
+                             dpi=100, squeeze=False)
+    for r in range(rows):
+        _show(axes[r, 0], query_images[r], f"query: {class_names[query_labels[r]]}", "tab:blue")
+        for c, index in enumerate(nearest[r]):
+            same = bank_labels[index] == query_labels[r]
+            _show(axes[r, c + 1], bank_images[index], class_names[bank_labels[index]],
+                  None if same else "red")
+    fig.suptitle(f"Nearest neighbours in the embedding (red frame: another class)")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def embedding_map(features, labels, class_names: Sequence[str], path: str,
+                  title: str = "Test embeddings (PCA)") -> str:
+    """A 2-D PCA projection of the features, coloured by class."""
+    plt = _pyplot()
+    centred = features - features.mean(axis=0, keepdims=True)
+    _, _, components = np.linalg.svd(centred, full_matrices=False)
+    points = centred @ components[:2].T
+    fig, ax = plt.subplots(figsize=(7, 6), dpi=100)
+    colours = plt.get_cmap("tab10")
+    for label in np.unique(labels):
+        chosen = labels == label
+        ax.scatter(points[chosen, 0], points[chosen, 1], s=6, alpha=0.6,
+                   color=colours(int(label) % 10), label=class_names[int(label)])
+    ax.set_xlabel("principal component 1")
+    ax.set_ylabel("principal component 2")
+    ax.set_title(title)
+    ax.legend(markerscale=3, fontsize=8, loc="best")
+    fig.tight_layout()
+    return _save(fig, path)

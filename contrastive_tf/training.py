@@ -195,9 +195,12 @@ def pretrain(config: PretrainConfig, verbose: int = 1,
         config.model_dir, f"worker_tmp_{strategy.cluster_resolver.task_id}")
     os.makedirs(work_dir, exist_ok=True)
     checkpoint_dir = os.path.join(work_dir, "checkpoints")
+    # Every worker resumes from the chief's checkpoints (the shared model_dir);
+    # non-chief workers write theirs to a scratch folder that is discarded.
+    shared_checkpoint_dir = os.path.join(config.model_dir, "checkpoints")
+    resume_from = tf.train.latest_checkpoint(shared_checkpoint_dir)
     config_path = os.path.join(config.model_dir, "config.json")
-    _check_resumable(config, config_path,
-                     tf.train.latest_checkpoint(checkpoint_dir) is not None)
+    _check_resumable(config, config_path, resume_from is not None)
     if chief:
         write_json(config_path, config.to_dict())
 
@@ -226,12 +229,11 @@ def pretrain(config: PretrainConfig, verbose: int = 1,
     checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
     manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir,
                                          max_to_keep=config.keep_checkpoints)
-    if manager.latest_checkpoint:
+    if resume_from:
         try:
-            checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+            checkpoint.restore(resume_from).assert_existing_objects_matched()
         except (AssertionError, ValueError, tf.errors.OpError) as error:
-            raise ResumeError(f"cannot resume from {manager.latest_checkpoint}: "
-                              f"{error}") from None
+            raise ResumeError(f"cannot resume from {resume_from}: {error}") from None
     start_step = int(model.optimizer.iterations.numpy())
     if verbose:
         what = (f"resuming at step {start_step}" if start_step

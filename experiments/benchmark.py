@@ -23,7 +23,7 @@ import time
 from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("only", None, "Run only this measurement (see --list).")
+flags.DEFINE_list("only", None, "Run only these measurements (see --list).")
 flags.DEFINE_bool("list", False, "List the measurements and exit.")
 flags.DEFINE_integer("steps", 5, "Timed steps per measurement.")
 flags.DEFINE_integer("warmup", 2, "Untimed warm-up steps.")
@@ -131,18 +131,24 @@ def bench_step(name, depth, size, batch, precision, base_width, steps, warmup):
 
 def bench_ntxent(batch, steps, warmup):
     """Runs in a child process so its peak memory is its own."""
+    # Peak memory from VmHWM: exec starts a fresh address space, whereas
+    # ru_maxrss would carry over the parent's peak.
     code = f"""
-import json, resource, time, statistics, tensorflow as tf, contrastive_tf as ct
+import json, time, statistics, tensorflow as tf, contrastive_tf as ct
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
 z1 = tf.random.normal(({batch}, 128)); z2 = tf.random.normal(({batch}, 128))
 f = tf.function(lambda a, b: ct.nt_xent(a, b, 0.1))
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = hwm()
 for _ in range({warmup}): f(z1, z2).numpy()
 times = []
 for _ in range({steps}):
     s = time.perf_counter(); f(z1, z2).numpy(); times.append(time.perf_counter() - s)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({{"step_s": statistics.median(times), "peak_rss_mb": peak / 1024,
-                  "extra_rss_mb": (peak - base) / 1024}}))
+peak = hwm()
+print(json.dumps({{"step_s": statistics.median(times), "peak_rss_mb": peak,
+                  "extra_rss_mb": peak - base}}))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), timeout=900)
@@ -183,11 +189,12 @@ def main(argv):
     if FLAGS.list:
         print("\n".join(names))
         return
-    if FLAGS.only and FLAGS.only not in names:
-        raise app.UsageError(f"--only={FLAGS.only} is not one of {names}")
+    unknown = set(FLAGS.only or []) - set(names)
+    if unknown:
+        raise app.UsageError(f"--only: {sorted(unknown)} not in {names}")
     rows = []
     for name in names:
-        if FLAGS.only and name != FLAGS.only:
+        if FLAGS.only and name not in FLAGS.only:
             continue
         if name.startswith("ntxent_b"):
             result = bench_ntxent(int(name[len("ntxent_b"):]), FLAGS.steps, FLAGS.warmup)

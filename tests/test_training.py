@@ -178,3 +178,64 @@ def test_non_finite_loss_stops_without_overwriting_the_checkpoint(tmp_path):
     assert manager.latest_checkpoint.endswith("ckpt-0")
     guard.on_train_batch_end(0, {"loss": np.float32(1.0)})
     assert manager.latest_checkpoint.endswith("ckpt-1")
+
+
+def _free_ports(count):
+    import socket
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.mark.slow
+def test_multi_worker_job_killed_and_restarted_finishes(tmp_path):
+    """Two MultiWorkerMirroredStrategy workers on 127.0.0.1; worker 1 is
+    killed mid-run, the cluster is restarted, training resumes from the
+    chief's last checkpoint and finishes (BackupAndRestore semantics)."""
+    model_dir = str(tmp_path / "run")
+    args = [*TINY, "--strategy=multi_worker", "--train_steps=60", "--checkpoint_steps=4",
+            f"--model_dir={model_dir}"]
+
+    def start_cluster():
+        ports = _free_ports(2)
+        cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+        procs = []
+        for index in range(2):
+            env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2",
+                       TF_CONFIG=json.dumps({"cluster": cluster,
+                                             "task": {"type": "worker", "index": index}}))
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "experiments.pretrain", *args], cwd=ROOT, env=env,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        return procs
+
+    procs = start_cluster()
+    checkpoints = os.path.join(model_dir, "checkpoints")
+    deadline = time.time() + 300
+    while time.time() < deadline and tf.train.latest_checkpoint(checkpoints) is None:
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGKILL)  # a worker dies ...
+    time.sleep(1)
+    procs[0].send_signal(signal.SIGKILL)  # ... and the cluster is torn down
+    for proc in procs:
+        proc.wait(timeout=60)
+    latest = tf.train.latest_checkpoint(checkpoints)
+    assert latest is not None, "no checkpoint before the kill"
+    resumed_from = int(latest.rsplit("-", 1)[1])
+    assert resumed_from < 60
+
+    procs = start_cluster()
+    outputs = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=600)
+        outputs.append(out)
+        assert proc.returncode == 0, out[-3000:]
+    assert f"resuming at step {resumed_from}" in outputs[0]
+    assert f"resuming at step {resumed_from}" in outputs[1]
+    summary = json.load(open(os.path.join(model_dir, "summary.json")))
+    assert summary["step"] == 60
+    assert not any(name.startswith("worker_tmp") for name in os.listdir(model_dir))

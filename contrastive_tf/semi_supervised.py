@@ -143,43 +143,45 @@ def run_pipeline(config: PipelineConfig) -> dict:
                          patience=config.patience, crop_min_area=config.finetune_crop_min_area,
                          min_steps=config.finetune_min_steps, seed=config.seed)
 
+    def train_on_subsets(method, make_parts, epochs, learning_rate):
+        """Trains one classifier per labelled fraction; returns them by fraction."""
+        classifiers = {}
+        for fraction in config.fractions:
+            encoder, head = make_parts()
+            classifier = finetune.build_classifier(encoder, full.num_classes, head,
+                                                   name=f"{method}_{fraction:g}")
+            result = finetune.train_classifier(
+                classifier, subsets[fraction], val, test, epochs=epochs,
+                learning_rate=learning_rate, **finetune_args)
+            results[method][_fraction_key(fraction)] = result.test_accuracy
+            _say(f"   {fraction:g} labels: test {result.test_accuracy:.4f} (val "
+                 f"{result.val_accuracy:.4f}, best epoch {result.best_epoch}/"
+                 f"{result.epochs_run})")
+            classifiers[fraction] = classifier
+        return classifiers
+
+    def pretrained_parts():
+        model = load_pretrained()
+        return model.encoder, (model.projection_head if pre.ft_layer > 0 else None)
+
+    def fresh_parts():
+        keras.utils.set_random_seed(config.seed)
+        return _fresh_encoder_and_head(pre)
+
     # 3. Fine-tuning from the pretrained encoder (and first head layer).
     _say("3/6 fine-tuning the pretrained encoder on the labelled subsets")
     t0 = time.time()
-    teacher = None
-    for fraction in config.fractions:
-        model = load_pretrained()
-        head = model.projection_head if pre.ft_layer > 0 else None
-        classifier = finetune.build_classifier(model.encoder, full.num_classes, head,
-                                               name=f"simclr_finetune_{fraction:g}")
-        result = finetune.train_classifier(
-            classifier, subsets[fraction], val, test,
-            epochs=config.finetune_epochs, learning_rate=config.finetune_learning_rate,
-            **finetune_args)
-        results["simclr_finetune"][_fraction_key(fraction)] = result.test_accuracy
-        _say(f"   {fraction:g} labels: test {result.test_accuracy:.4f} (val "
-             f"{result.val_accuracy:.4f}, best epoch {result.best_epoch}/{result.epochs_run})")
-        if fraction == config.distill_fraction:
-            teacher = classifier
-            _save_classifier(classifier, full.class_names,
-                             os.path.join(out, f"finetune_{fraction:g}"))
+    teacher = train_on_subsets("simclr_finetune", pretrained_parts, config.finetune_epochs,
+                               config.finetune_learning_rate)[config.distill_fraction]
+    _save_classifier(teacher, full.class_names,
+                     os.path.join(out, f"finetune_{config.distill_fraction:g}"))
     timings["finetune_s"] = round(time.time() - t0, 1)
 
     # 4. Supervised baseline: same architecture, same labels, from scratch.
     _say("4/6 supervised baseline from scratch on the same labelled subsets")
     t0 = time.time()
-    for fraction in config.fractions:
-        keras.utils.set_random_seed(config.seed)
-        encoder, head = _fresh_encoder_and_head(pre)
-        classifier = finetune.build_classifier(encoder, full.num_classes, head,
-                                               name=f"supervised_{fraction:g}")
-        result = finetune.train_classifier(
-            classifier, subsets[fraction], val, test,
-            epochs=config.supervised_epochs, learning_rate=config.supervised_learning_rate,
-            **finetune_args)
-        results["supervised_baseline"][_fraction_key(fraction)] = result.test_accuracy
-        _say(f"   {fraction:g} labels: test {result.test_accuracy:.4f} (val "
-             f"{result.val_accuracy:.4f}, best epoch {result.best_epoch}/{result.epochs_run})")
+    train_on_subsets("supervised_baseline", fresh_parts, config.supervised_epochs,
+                     config.supervised_learning_rate)
     timings["supervised_s"] = round(time.time() - t0, 1)
 
     # 5. Distillation of the teacher into a student on all training images.
@@ -190,9 +192,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
     if config.student_init == "pretrained":
         # Same size as the teacher, starting from the unlabelled pretraining
         # (not from the teacher's fine-tuned weights).
-        model = load_pretrained()
-        encoder = model.encoder
-        head = model.projection_head if pre.ft_layer > 0 else None
+        encoder, head = pretrained_parts()
     else:
         encoder, head = _fresh_encoder_and_head(pre, config.student_base_width or None)
     student = finetune.build_classifier(encoder, full.num_classes, head, name="student")

@@ -108,6 +108,11 @@ class CheckpointAndGuard(keras.callbacks.Callback):
         if step >= self.total_steps:
             self.model.stop_training = True
 
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:  # History records epoch logs
+            step = int(self.model.optimizer.iterations.numpy())
+            logs["learning_rate"] = float(self.schedule(step - 1))
+
 
 class ViewPairsToTensorBoard(keras.callbacks.Callback):
     """Writes a few images and their two augmented views to TensorBoard."""

@@ -1,6 +1,5 @@
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -10,7 +9,7 @@ import tensorflow as tf
 import keras
 
 import contrastive_tf as ct
-from tests.testing import random_images, tiny_encoder, tiny_simclr
+from tests.testing import free_ports, random_images, tiny_encoder, tiny_simclr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -165,19 +164,9 @@ def test_mirrored_strategy_fit_matches_single_device(mirrored):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
 
 
-def _free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 @pytest.mark.slow
 def test_multi_worker_mirrored_two_processes(tmp_path):
-    ports = _free_ports(2)
+    ports = free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     procs = []
     for index in range(2):

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests.testing import free_ports
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--dataset=embedded", "--image_size=16", "--base_width=4",
         "--projection_layers=2", "--projection_dim=8", "--batch_size=32",
@@ -180,17 +182,6 @@ def test_non_finite_loss_stops_without_overwriting_the_checkpoint(tmp_path):
     assert manager.latest_checkpoint.endswith("ckpt-1")
 
 
-def _free_ports(count):
-    import socket
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 @pytest.mark.slow
 def test_multi_worker_job_killed_and_restarted_finishes(tmp_path):
     """Two MultiWorkerMirroredStrategy workers on 127.0.0.1; worker 1 is
@@ -201,7 +192,7 @@ def test_multi_worker_job_killed_and_restarted_finishes(tmp_path):
             f"--model_dir={model_dir}"]
 
     def start_cluster():
-        ports = _free_ports(2)
+        ports = free_ports(2)
         cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
         procs = []
         for index in range(2):

@@ -49,3 +49,15 @@ def numpy_nt_xent(z1: np.ndarray, z2: np.ndarray, temperature: float):
         best = others[int(np.argmax(sims[others]))]
         correct += int(best == j)
     return total / (2 * n), correct / (2 * n)
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports on 127.0.0.1 that were free a moment ago."""
+    import socket
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports

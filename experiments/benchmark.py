@@ -108,9 +108,7 @@ def bench_step(name, depth, size, batch, precision, base_width, steps, warmup):
     step_s = _median_time(step, steps, warmup)
     augment = tf.function(lambda x: (augmenter(x), augmenter(x)))
     augment_s = _median_time(lambda: [v.numpy() for v in augment(images)], steps, warmup)
-    head_input = keras.Input((encoder.output.shape[-1],))
     head_flops = 2.0 * sum(int(np.prod(w.shape)) for w in head.weights if len(w.shape) == 2)
-    del head_input
     flops_step = 3 * 2 * batch * (forward_flops(encoder) + head_flops)
     peak = matmul_peak(precision)
     keras.mixed_precision.set_global_policy("float32")

@@ -10,7 +10,6 @@ encoder, so the two differ only in their starting weights.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import keras
 import numpy as np

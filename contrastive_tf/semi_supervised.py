@@ -74,13 +74,11 @@ def run_pipeline(config: PipelineConfig) -> dict:
     pretrain_dir = pre.model_dir
     summary = training.pretrain(pre)
     timings["pretrain_s"] = round(time.time() - t0, 1)
-    pre = dataclasses.replace(pre, channels=data.load(
-        pre.dataset, pre.train_split, pre.data_dir, image_size=pre.image_size,
-        channels=pre.channels).image_shape[-1])
 
     # Data: a validation split, then labelled subsets from what is left.
     full = data.load(pre.dataset, pre.train_split, pre.data_dir,
                      image_size=pre.image_size, channels=pre.channels, seed=config.seed)
+    pre = dataclasses.replace(pre, channels=full.image_shape[-1])
     test = data.load(pre.dataset, pre.eval_split, pre.data_dir,
                      image_size=pre.image_size, channels=pre.channels, seed=config.seed)
     if not full.labelled:

@@ -115,7 +115,7 @@ def neighbour_grid(query_images, query_labels, bank_images, bank_labels,
             same = bank_labels[index] == query_labels[r]
             _show(axes[r, c + 1], bank_images[index], class_names[bank_labels[index]],
                   None if same else "red")
-    fig.suptitle(f"Nearest neighbours in the embedding (red frame: another class)")
+    fig.suptitle("Nearest neighbours in the embedding (red frame: another class)")
     fig.tight_layout()
     return _save(fig, path)
 

@@ -1,7 +1,5 @@
-import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -9,7 +7,7 @@ import tensorflow as tf
 import keras
 
 import contrastive_tf as ct
-from tests.testing import free_ports, random_images, tiny_encoder, tiny_simclr
+from tests.testing import random_images, start_local_cluster, tiny_encoder, tiny_simclr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -166,16 +164,8 @@ def test_mirrored_strategy_fit_matches_single_device(mirrored):
 
 @pytest.mark.slow
 def test_multi_worker_mirrored_two_processes(tmp_path):
-    ports = free_ports(2)
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
-    procs = []
-    for index in range(2):
-        env = dict(os.environ, PYTHONPATH=ROOT, CUDA_VISIBLE_DEVICES="",
-                   TF_CONFIG=json.dumps({"cluster": cluster,
-                                         "task": {"type": "worker", "index": index}}))
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "tests.mwms_worker", str(tmp_path / f"w{index}.npz")],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    procs = start_local_cluster(
+        lambda index: ["tests.mwms_worker", str(tmp_path / f"w{index}.npz")], ROOT)
     outputs = []
     for proc in procs:
         try:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.testing import free_ports
+from tests.testing import start_local_cluster
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--dataset=embedded", "--image_size=16", "--base_width=4",
@@ -192,17 +192,7 @@ def test_multi_worker_job_killed_and_restarted_finishes(tmp_path):
             f"--model_dir={model_dir}"]
 
     def start_cluster():
-        ports = free_ports(2)
-        cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
-        procs = []
-        for index in range(2):
-            env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2",
-                       TF_CONFIG=json.dumps({"cluster": cluster,
-                                             "task": {"type": "worker", "index": index}}))
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "experiments.pretrain", *args], cwd=ROOT, env=env,
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-        return procs
+        return start_local_cluster(["experiments.pretrain", *args], ROOT, text=True)
 
     procs = start_cluster()
     checkpoints = os.path.join(model_dir, "checkpoints")

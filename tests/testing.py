@@ -51,6 +51,30 @@ def numpy_nt_xent(z1: np.ndarray, z2: np.ndarray, temperature: float):
     return total / (2 * n), correct / (2 * n)
 
 
+def start_local_cluster(module_args, root: str, workers: int = 2, **popen_kwargs):
+    """Starts one `python -m ...` process per MultiWorkerMirroredStrategy
+    worker on free ports of 127.0.0.1, each with its TF_CONFIG.
+
+    `module_args` is a list, or a function of the worker index giving one.
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in free_ports(workers)]}
+    procs = []
+    for index in range(workers):
+        args = module_args(index) if callable(module_args) else module_args
+        env = dict(os.environ, PYTHONPATH=root, CUDA_VISIBLE_DEVICES="",
+                   TF_CPP_MIN_LOG_LEVEL="2",
+                   TF_CONFIG=json.dumps({"cluster": cluster,
+                                         "task": {"type": "worker", "index": index}}))
+        procs.append(subprocess.Popen([sys.executable, "-m", *args], cwd=root, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      **popen_kwargs))
+    return procs
+
+
 def free_ports(count: int) -> list[int]:
     """Ports on 127.0.0.1 that were free a moment ago."""
     import socket

@@ -11,7 +11,7 @@ from contrastive_tf.losses import distillation_loss
 
 
 @keras.saving.register_keras_serializable(package="contrastive_tf")
-class Distiller(keras.Model):
+class Distiller(distribution.BuiltAtInit, keras.Model):
     """Trains `student` to match `teacher`'s softened predictions (SimCLRv2).
 
     Each step augments the batch once (the same view for both networks),

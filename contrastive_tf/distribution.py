@@ -85,3 +85,21 @@ def step_logs(logs: dict) -> dict:
     if not _multi_worker():
         return logs
     return {name: tf.reshape(value, [1]) for name, value in logs.items()}
+
+
+class BuiltAtInit:
+    """Mixin for a `keras.Model` whose weights all exist after `__init__`.
+
+    Keras 3.15 builds a model under a strategy by reducing the first
+    distributed batch with `strategy.reduce`, which fails for
+    `(images, labels)` tuples under MultiWorkerMirroredStrategy. A model that
+    creates every weight in `__init__` only needs its optimizer's slots
+    built, which takes no data.
+    """
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        if self._distribute_strategy is None:
+            return
+        with self.distribute_strategy.scope():
+            if self.optimizer is not None and not self.optimizer.built:
+                self.optimizer.build(self.trainable_variables)

@@ -11,7 +11,7 @@ from contrastive_tf.losses import nt_xent_with_accuracy
 
 
 @keras.saving.register_keras_serializable(package="contrastive_tf")
-class SimCLR(keras.Model):
+class SimCLR(distribution.BuiltAtInit, keras.Model):
     """SimCLR contrastive pretraining as a `keras.Model`.
 
     `fit` takes a dataset of images, or of `(images, labels)`. Each step
@@ -95,18 +95,6 @@ class SimCLR(keras.Model):
         if self.probe is not None:
             trackers += [self.probe_loss_tracker, self.probe_accuracy_tracker]
         return trackers
-
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        # Keras 3.15 reduces the first distributed batch with
-        # strategy.reduce to build the model symbolically, which fails for
-        # (images, labels) tuples under MultiWorkerMirroredStrategy. Every
-        # weight of SimCLR exists after __init__, so only the optimizer's
-        # slots remain to be built, and that needs no data.
-        if self._distribute_strategy is None:
-            return
-        with self.distribute_strategy.scope():
-            if self.optimizer is not None and not self.optimizer.built:
-                self.optimizer.build(self.trainable_variables)
 
     def call(self, images, training=False):
         return self.encoder(self.augmenter(images, training=False),

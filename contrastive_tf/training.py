@@ -29,6 +29,40 @@ class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or Inf loss."""
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, file size limit, ...)."""
+
+
+def save_checkpoint(manager: tf.train.CheckpointManager, step: int) -> str:
+    """`manager.save` that fails loudly and leaves no partial files.
+
+    A failed write must stop training: TensorFlow reports a full disk as
+    `OutOfRangeError`, which Keras' `fit` would take for the end of the
+    input and quietly end the epoch, skipping the checkpoint. The
+    CheckpointManager's state file is only updated after a complete write,
+    so the last complete checkpoint stays the one a rerun resumes from.
+    """
+    try:
+        return manager.save(checkpoint_number=step)
+    except (tf.errors.OpError, OSError) as error:
+        prefix = os.path.basename(manager._checkpoint_prefix)  # "ckpt"
+        complete = manager.latest_checkpoint or ""
+        for name in os.listdir(manager.directory):
+            if complete.endswith(f"{prefix}-{step}"):
+                break
+            if name.startswith(f"{prefix}-{step}_temp") or name.startswith(f"{prefix}-{step}."):
+                path = os.path.join(manager.directory, name)
+                if os.path.isdir(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    os.remove(path)
+        reason = getattr(error, "message", str(error)).rsplit("} ", 1)[-1]
+        raise CheckpointWriteError(
+            f"could not write checkpoint {step} to {manager.directory}: {reason}. "
+            f"The last complete checkpoint, {manager.latest_checkpoint}, is intact; "
+            "free some space and rerun the same command to resume from it.") from None
+
+
 class ResumeError(RuntimeError):
     """A model_dir holds a run that this config cannot continue."""
 
@@ -104,7 +138,7 @@ class CheckpointAndGuard(keras.callbacks.Callback):
         if logs is not None:
             logs["learning_rate"] = float(self.schedule(step - 1))
         if step % self.every_steps == 0 or step >= self.total_steps:
-            self.manager.save(checkpoint_number=step)
+            save_checkpoint(self.manager, step)
         if step >= self.total_steps:
             self.model.stop_training = True
 
@@ -286,7 +320,7 @@ def pretrain(config: PretrainConfig, verbose: int = 1,
     step = int(model.optimizer.iterations.numpy())
     latest = manager.latest_checkpoint
     if latest is None or not latest.endswith(f"-{step}"):
-        manager.save(checkpoint_number=step)
+        save_checkpoint(manager, step)
 
     final = {name: float(np.ravel(values[-1])[0]) for name, values in history.items()}
     if knn is not None:

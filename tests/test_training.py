@@ -220,3 +220,46 @@ def test_multi_worker_job_killed_and_restarted_finishes(tmp_path):
     summary = json.load(open(os.path.join(model_dir, "summary.json")))
     assert summary["step"] == 60
     assert not any(name.startswith("worker_tmp") for name in os.listdir(model_dir))
+
+
+def _file_size_limit(limit_bytes):
+    """preexec_fn: writes past `limit_bytes` fail with EFBIG, as on a full disk."""
+    import resource
+
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+    return apply
+
+
+@pytest.mark.slow
+def test_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path):
+    model_dir = str(tmp_path / "run")
+    args = [*TINY, "--checkpoint_steps=4", "--knn_every_epochs=0",
+            f"--model_dir={model_dir}"]
+    first = _run([*args, "--train_steps=8"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    folder = os.path.join(model_dir, "checkpoints")
+    data_file = [f for f in os.listdir(folder) if f.startswith("ckpt-8.data")][0]
+    size = os.path.getsize(os.path.join(folder, data_file))
+    kept = {f: open(os.path.join(folder, f), "rb").read() for f in os.listdir(folder)
+            if f.startswith("ckpt-8.")}
+
+    # The next checkpoint (step 12) cannot be written: no file may grow past
+    # half the size of a checkpoint's data file.
+    full = _run([*args, "--train_steps=16"], preexec_fn=_file_size_limit(size // 2))
+    assert full.returncode != 0
+    assert "could not write checkpoint 12" in full.stderr, full.stderr[-3000:]
+    assert "ckpt-8" in full.stderr and "intact" in full.stderr
+    assert tf.train.latest_checkpoint(folder).endswith("ckpt-8")
+    assert _checkpoints(model_dir) == [4, 8]
+    for name, content in kept.items():  # byte for byte, and readable
+        assert open(os.path.join(folder, name), "rb").read() == content
+    tf.train.load_checkpoint(os.path.join(folder, "ckpt-8"))
+    assert not [f for f in os.listdir(folder) if "temp" in f], os.listdir(folder)
+
+    # With space again, the same command resumes from step 8 and finishes.
+    resumed = _run([*args, "--train_steps=16"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming at step 8" in resumed.stdout
+    assert _checkpoints(model_dir)[-1] == 16

@@ -108,6 +108,8 @@ def from_arrays(images, labels=None, class_names: Sequence[str] | None = None,
                         f"got {images.shape}")
     if images.shape[0] == 0:
         raise DataError(f"{spec}: no images")
+    if images.shape[1] == 0 or images.shape[2] == 0:
+        raise DataError(f"{spec}: zero-size images, shape {images.shape}")
     if images.dtype != np.uint8:
         if np.issubdtype(images.dtype, np.floating):
             if images.min() < 0 or images.max() > 1:

@@ -14,11 +14,15 @@ An export is `<export_root>/<model_name>/<version>/` holding a SavedModel and
 Encoders return `embedding` (h) and, with a projection head, `projection`
 (z); classifiers return `probabilities`, `class_id` and `class_name`.
 Versions are written to a temporary, non-integer directory and renamed into
-place when complete, so TF Serving never sees half a model.
+place when complete (an overwrite swaps the two directories atomically), so
+TF Serving never sees half a model. Encoded images larger than
+`max_image_pixels` (read from the file header, before decoding) are refused
+with an error, so one request cannot exhaust the server's memory.
 """
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import json
 import os
@@ -35,6 +39,58 @@ from contrastive_tf import augment
 
 class ExportError(RuntimeError):
     """An export that cannot be written as asked."""
+
+
+# 64 megapixels: every phone and most camera photos; decoded and converted
+# to float32 that is at most 0.8 GB (RGB) for one image.
+DEFAULT_MAX_IMAGE_PIXELS = 1 << 26
+
+
+def _unsigned(data, offset: int, length: int, big_endian: bool = False):
+    digits = tf.cast(tf.io.decode_raw(tf.strings.substr(data, offset, length),
+                                      tf.uint8), tf.int64)
+    powers = tf.constant([256 ** i for i in range(length)], tf.int64)
+    return tf.reduce_sum(digits * (powers[::-1] if big_endian else powers))
+
+
+def encoded_image_size(data):
+    """(height, width) from the header of PNG, JPEG, GIF, BMP or WebP bytes,
+    without decoding the pixels; (0, 0) for anything else (the decoder then
+    refuses it). A TF function of a scalar string, usable inside a graph."""
+    data = tf.strings.join([data, tf.constant(b"\0" * 32)])  # short input: no range errors
+    head = tf.strings.substr(data, 0, 4)
+    webp = tf.logical_and(tf.equal(head, b"RIFF"),
+                          tf.equal(tf.strings.substr(data, 8, 4), b"WEBP"))
+    chunk = tf.strings.substr(data, 12, 4)
+    lossless = _unsigned(data, 21, 4)
+    bmp_height = _unsigned(data, 22, 4)
+    bmp_height = tf.where(bmp_height >= 1 << 31, (1 << 32) - bmp_height, bmp_height)
+    is_jpeg = tf.equal(tf.strings.substr(data, 0, 2), b"\xff\xd8")
+    jpeg = tf.cond(is_jpeg, lambda: tf.cast(tf.io.extract_jpeg_shape(data)[:2], tf.int64),
+                   lambda: tf.zeros([2], tf.int64))
+    candidates = [  # (condition, height, width), the first match wins
+        (tf.equal(head, b"\x89PNG"), _unsigned(data, 20, 4, True), _unsigned(data, 16, 4, True)),
+        (is_jpeg, jpeg[0], jpeg[1]),
+        (tf.equal(head, b"GIF8"), _unsigned(data, 8, 2), _unsigned(data, 6, 2)),
+        (tf.equal(tf.strings.substr(data, 0, 2), b"BM"), bmp_height, _unsigned(data, 18, 4)),
+        (tf.logical_and(webp, tf.equal(chunk, b"VP8X")),
+         _unsigned(data, 27, 3) + 1, _unsigned(data, 24, 3) + 1),
+        (tf.logical_and(webp, tf.equal(chunk, b"VP8L")),
+         (lossless // (1 << 14)) % (1 << 14) + 1, lossless % (1 << 14) + 1),
+        (tf.logical_and(webp, tf.equal(chunk, b"VP8 ")),
+         _unsigned(data, 28, 2) % (1 << 14), _unsigned(data, 26, 2) % (1 << 14)),
+    ]
+    height = width = tf.constant(0, tf.int64)
+    for condition, h, w in reversed(candidates):
+        height, width = tf.where(condition, h, height), tf.where(condition, w, width)
+    return height, width
+
+
+def _check_pixels(height, width, limit: int):
+    return tf.debugging.Assert(
+        tf.less_equal(tf.cast(height, tf.int64) * tf.cast(width, tf.int64), limit),
+        ["image too large:", height, "x", width, "pixels; this model accepts at most",
+         tf.constant(limit, tf.int64), "(height x width)"])
 
 
 def versions(base: str) -> list[int]:
@@ -64,7 +120,7 @@ class _Servable:
     """
 
     def __init__(self, encoder, head, classifier, image_size, channels,
-                 class_names):
+                 class_names, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS):
         self.features_model = _feature_model(encoder) if encoder is not None else None
         self.head = head
         self.classifier = classifier
@@ -72,7 +128,10 @@ class _Servable:
         self.channels = int(channels)
         self.crop_fraction = 1.0 if image_size <= 32 else 0.875
         self.class_names = tf.constant(list(class_names or []), tf.string)
-
+        if int(max_image_pixels) < self.image_size ** 2:
+            raise ExportError(f"max_image_pixels={max_image_pixels} is below the model's "
+                              f"own input of {self.image_size}x{self.image_size}")
+        self.max_image_pixels = int(max_image_pixels)
 
     def archive(self) -> keras.export.ExportArchive:
         archive = keras.export.ExportArchive()
@@ -91,14 +150,21 @@ class _Servable:
         return archive
 
     def _preprocess(self, images):
+        shape = tf.shape(images)
+        with tf.control_dependencies([_check_pixels(shape[1], shape[2],
+                                                    self.max_image_pixels)]):
+            images = tf.identity(images)
         images = tf.clip_by_value(tf.cast(images, tf.float32), 0.0, 1.0)
         return augment.center_crop_and_resize(
             images, (self.image_size, self.image_size), self.crop_fraction)
 
     def _decode(self, encoded):
         def decode_one(data):
-            tf.debugging.assert_greater(tf.strings.length(data), 0,
-                                        message="empty image bytes")
+            checks = [tf.debugging.assert_greater(tf.strings.length(data), 0,
+                                                  message="empty image bytes"),
+                      _check_pixels(*encoded_image_size(data), self.max_image_pixels)]
+            with tf.control_dependencies(checks):
+                data = tf.identity(data)
             image = tf.io.decode_image(data, channels=self.channels,
                                        expand_animations=False, dtype=tf.uint8)
             image = tf.cast(image, tf.float32) / 255.0
@@ -149,6 +215,7 @@ def _write(servable: _Servable, export_root: str, model_name: str,
            version: int | None, overwrite: bool, card: dict) -> str:
     base = os.path.join(export_root, model_name)
     os.makedirs(base, exist_ok=True)
+    _remove_abandoned(base)
     if version is None:
         version = (versions(base) or [0])[-1] + 1
     if int(version) < 1:
@@ -157,7 +224,7 @@ def _write(servable: _Servable, export_root: str, model_name: str,
     if os.path.exists(target) and not overwrite:
         raise ExportError(f"{target} exists; pass overwrite=True (--overwrite) to "
                           "replace it, or leave the version unset for the next one")
-    staging = os.path.join(base, f".tmp-{version}-{uuid.uuid4().hex[:8]}")
+    staging = os.path.join(base, f".tmp-{version}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         servable.archive().write_out(staging, verbose=False)
         card = dict(card, version=int(version),
@@ -166,26 +233,96 @@ def _write(servable: _Servable, export_root: str, model_name: str,
                     input={"serving_default": "string[batch]: encoded image bytes",
                            "predict_images": f"float32[batch, h, w, {servable.channels}] in [0, 1]",
                            "image_size": servable.image_size,
-                           "channels": servable.channels})
+                           "channels": servable.channels,
+                           "max_image_pixels": servable.max_image_pixels})
         with open(os.path.join(staging, "model_card.json"), "w") as f:
             json.dump(card, f, indent=2, sort_keys=True, default=str)
-        if os.path.exists(target):  # overwrite: move the old one aside first
-            trash = os.path.join(base, f".old-{version}-{uuid.uuid4().hex[:8]}")
-            os.rename(target, trash)
-            os.rename(staging, target)
-            shutil.rmtree(trash, ignore_errors=True)
+        _sync_tree(staging)
+        if os.path.exists(target):
+            # overwrite: swap old and new in one step, then delete the old
+            _exchange(staging, target)
         else:
             os.rename(staging, target)
+        _fsync_directory(base)
     finally:
         if os.path.exists(staging):
             shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
+def _sync_tree(folder: str) -> None:
+    """Flushes every file under `folder` to disk before it is renamed into
+    place, so a power cut cannot leave a version of empty files."""
+    for directory, _, files in os.walk(folder):
+        for name in files:
+            fd = os.open(os.path.join(directory, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_directory(directory)
+
+
+def _fsync_directory(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _exchange(new: str, old: str) -> None:
+    """Atomically swaps two directories (Linux renameat2 RENAME_EXCHANGE), so
+    `old`'s path always holds a complete model; elsewhere, or where the file
+    system lacks it, two renames with the old one kept aside in between
+    (`_remove_abandoned` puts it back if the process dies there)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.renameat2(-100, os.fsencode(new), -100, os.fsencode(old), 2) == 0:
+            return  # -100: AT_FDCWD; 2: RENAME_EXCHANGE
+    except (OSError, AttributeError):
+        pass
+    version = os.path.basename(old)
+    aside = os.path.join(os.path.dirname(old), f".old-{version}-{os.getpid()}-"
+                         f"{uuid.uuid4().hex[:8]}")
+    os.rename(old, aside)
+    os.rename(new, old)
+    os.rename(aside, new)  # removed by the caller with the staging folder
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_abandoned(base: str) -> None:
+    """Cleans up after exports killed part-way: a version moved aside by an
+    interrupted overwrite goes back into place; staging folders of processes
+    no longer running are deleted. Folders of live exports are left alone."""
+    for name in sorted(os.listdir(base)):
+        parts = name.split("-")
+        if not (name.startswith((".tmp-", ".old-")) and len(parts) == 4
+                and parts[2].isdigit()):
+            continue
+        if _alive(int(parts[2])):
+            continue
+        path, version = os.path.join(base, name), os.path.join(base, parts[1])
+        if name.startswith(".old-") and not os.path.exists(version):
+            os.rename(path, version)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def export_encoder(encoder: keras.Model, export_root: str, model_name: str, *,
                    projection_head: keras.layers.Layer | None = None,
                    version: int | None = None, overwrite: bool = False,
-                   card: dict | None = None) -> str:
+                   card: dict | None = None,
+                   max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> str:
     """Exports an encoder (and optionally its projection head).
 
     Args:
@@ -197,12 +334,15 @@ def export_encoder(encoder: keras.Model, export_root: str, model_name: str, *,
         version: integer version. Defaults to the next free one.
         overwrite: replace an existing version.
         card: extra model-card fields (training data, metrics, ...).
+        max_image_pixels: largest height x width a request may send; larger
+            images are refused from their header, before decoding.
 
     Returns:
         The version directory written.
     """
     size, channels = int(encoder.input.shape[1]), int(encoder.input.shape[-1])
-    servable = _Servable(encoder, projection_head, None, size, channels, None)
+    servable = _Servable(encoder, projection_head, None, size, channels, None,
+                         max_image_pixels)
     card = dict(card or {}, kind="encoder", encoder=encoder.name,
                 encoder_config=_encoder_summary(encoder),
                 projection_head=(projection_head.get_config()
@@ -213,13 +353,16 @@ def export_encoder(encoder: keras.Model, export_root: str, model_name: str, *,
 def export_classifier(classifier: keras.Model, export_root: str, model_name: str,
                       *, class_names: Sequence[str] | None = None,
                       version: int | None = None, overwrite: bool = False,
-                      card: dict | None = None) -> str:
-    """Exports a classifier (images in [0, 1] -> logits)."""
+                      card: dict | None = None,
+                      max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> str:
+    """Exports a classifier (images in [0, 1] -> logits); arguments as
+    `export_encoder`'s."""
     size, channels = int(classifier.input.shape[1]), int(classifier.input.shape[-1])
     num_classes = int(classifier.output.shape[-1])
     if class_names is not None and len(class_names) != num_classes:
         raise ExportError(f"{len(class_names)} class names for {num_classes} outputs")
-    servable = _Servable(None, None, classifier, size, channels, class_names)
+    servable = _Servable(None, None, classifier, size, channels, class_names,
+                         max_image_pixels)
     card = dict(card or {}, kind="classifier", classifier=classifier.name,
                 num_classes=num_classes, class_names=list(class_names or []))
     return _write(servable, export_root, model_name, version, overwrite, card)

@@ -21,12 +21,16 @@ flags.DEFINE_enum("kind", "encoder", ["encoder", "classifier"], "What to export.
 flags.DEFINE_integer("version", None, "Version number; default: the next free one.")
 flags.DEFINE_bool("overwrite", False, "Replace an existing version.")
 flags.DEFINE_bool("with_projection", True, "Encoders: include the projection head.")
+flags.DEFINE_integer("max_image_pixels", 1 << 26, "Largest height x width a serving "
+                     "request may send (checked from the image header before decoding).")
 flags.mark_flags_as_required(["model_dir", "export_root", "model_name"])
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if FLAGS.max_image_pixels < 1:
+        raise app.UsageError(f"--max_image_pixels must be >= 1, got {FLAGS.max_image_pixels}")
     logging.set_verbosity(logging.WARNING)
     import keras
 
@@ -49,7 +53,8 @@ def main(argv):
         target = export.export_encoder(
             model.encoder, FLAGS.export_root, FLAGS.model_name,
             projection_head=model.projection_head if FLAGS.with_projection else None,
-            version=FLAGS.version, overwrite=FLAGS.overwrite, card=card)
+            version=FLAGS.version, overwrite=FLAGS.overwrite, card=card,
+            max_image_pixels=FLAGS.max_image_pixels)
     else:
         path = os.path.join(FLAGS.model_dir, "classifier.keras")
         if not os.path.exists(path):
@@ -59,7 +64,7 @@ def main(argv):
         target = export.export_classifier(
             keras.models.load_model(path), FLAGS.export_root, FLAGS.model_name,
             class_names=classes, version=FLAGS.version, overwrite=FLAGS.overwrite,
-            card=card)
+            card=card, max_image_pixels=FLAGS.max_image_pixels)
     print(f"[export] wrote {target}")
 
 

@@ -108,12 +108,17 @@ def test_folder_with_classes_mixed_formats_and_corrupt_files(tmp_path, caplog):
     good = root / "owls" / "img0.png"
     (root / "owls" / "truncated.png").write_bytes(good.read_bytes()[:60])
     (root / "owls" / "notes.txt").write_text("ignored")
+    (root / "cats" / "empty.png").write_bytes(b"")  # zero bytes
+    zero_width = bytearray(good.read_bytes())
+    zero_width[16:20] = bytes(4)  # IHDR width 0: a zero-size image
+    (root / "cats" / "zero_width.png").write_bytes(bytes(zero_width))
     source = data.load(f"folder:{root}", "all", image_size=16, channels=3)
     assert source.class_names == ("cats", "dogs", "owls")
     assert source.images.shape == (12, 16, 16, 3) and source.images.dtype == np.uint8
     assert np.bincount(source.labels).tolist() == [5, 4, 3]
-    assert len(source.skipped) == 2
-    assert any("broken.jpg" in s for s in source.skipped)
+    assert len(source.skipped) == 4
+    for name in ("broken.jpg", "empty.png", "zero_width.png", "truncated.png"):
+        assert sum(name in s for s in source.skipped) == 1, (name, source.skipped)
     assert "truncated.png" in caplog.text
     # 16-bit PNGs are scaled to 8 bits, not clipped to white.
     owls = source.images[source.labels == 2]
@@ -186,6 +191,8 @@ def test_tfds_dataset_through_mock_data():
 
 
 def test_arrays_validate_labels_and_values():
+    with pytest.raises(data.DataError, match=r"zero-size images.*\(4, 0, 8, 3\)"):
+        data.from_arrays(np.zeros((4, 0, 8, 3), np.uint8))
     images = np.zeros((4, 8, 8), np.uint8)
     source = data.from_arrays(images, [0, 1, 2, 1])
     assert source.images.shape == (4, 8, 8, 1) and source.num_classes == 3

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -33,7 +34,8 @@ def encoder_export(tmp_path_factory):
     head.build(encoder.output.shape)
     root = str(tmp_path_factory.mktemp("exports"))
     path = export.export_encoder(encoder, root, "enc", projection_head=head,
-                                 card={"training_data": "embedded"})
+                                 card={"training_data": "embedded"},
+                                 max_image_pixels=64 * 64)
     return encoder, head, root, path
 
 
@@ -48,6 +50,7 @@ def test_layout_versions_and_model_card(encoder_export):
     card = json.load(open(os.path.join(path, "model_card.json")))
     assert card["kind"] == "encoder" and card["version"] == 1
     assert card["input"]["image_size"] == 28 and card["input"]["channels"] == 1
+    assert card["input"]["max_image_pixels"] == 64 * 64
     assert card["training_data"] == "embedded"
     assert card["libraries"]["tensorflow"] == tf.__version__
     second = export.export_encoder(encoder, root, "enc")
@@ -122,8 +125,37 @@ def test_bad_serving_input_errors_and_model_keeps_answering(encoder_export):
         model.signatures["predict_images"](images=tf.zeros((2, 28, 28), tf.float32))
     with pytest.raises(rejected, match="string|dtype|DT_FLOAT"):
         serve(images=tf.zeros((2,), tf.float32))
+    # Too many pixels (limit 64 x 64 here): refused from the header, also
+    # when the header lies about a 60000 x 60000 image it does not hold.
+    big = np.zeros((100, 41), np.uint8)
+    forged = bytearray(_png(big))
+    forged[16:24] = (60000).to_bytes(4, "big") * 2  # IHDR width, height
+    for too_big in (_png(big), bytes(forged)):
+        with pytest.raises(tf.errors.InvalidArgumentError, match="image too large"):
+            serve(images=tf.constant([_png(_images(1)[0]), too_big]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="image too large"):
+        model.signatures["predict_images"](images=tf.zeros((1, 65, 64, 1), tf.float32))
     good = serve(images=tf.constant([_png(_images(1)[0])]))["embedding"]
     assert good.shape == (1, 32) and np.all(np.isfinite(good))
+    edge = serve(images=tf.constant([_png(np.zeros((64, 64), np.uint8))]))["embedding"]
+    assert edge.shape == (1, 32)
+
+
+@pytest.mark.parametrize("fmt, mode, options", [
+    ("PNG", "RGB", {}), ("PNG", "I;16", {}), ("JPEG", "RGB", {}),
+    ("JPEG", "L", {"progressive": True}), ("GIF", "P", {}), ("BMP", "RGB", {}),
+    ("WEBP", "RGB", {}), ("WEBP", "RGB", {"lossless": True}), ("WEBP", "RGBA", {}),
+])
+def test_image_size_from_header_matches_pil(fmt, mode, options):
+    for width, height in [(1, 1), (300, 7), (7, 300), (257, 1030)]:
+        buffer = io.BytesIO()
+        Image.new(mode, (width, height)).save(buffer, fmt, **options)
+        got = export.encoded_image_size(tf.constant(buffer.getvalue()))
+        with Image.open(io.BytesIO(buffer.getvalue())) as reread:
+            assert reread.size == (width, height)
+        assert (int(got[0]), int(got[1])) == (height, width), (fmt, mode, options)
+    # Not an image: (0, 0), and tf.io.decode_image refuses it later.
+    assert [int(v) for v in export.encoded_image_size(tf.constant(b"hello"))] == [0, 0]
 
 
 def test_finetuning_an_export_trains_its_variables(encoder_export):
@@ -185,6 +217,88 @@ def test_interrupted_export_leaves_no_version_behind(encoder_export, tmp_path, m
         export.export_encoder(encoder, root, "enc")
     assert sorted(os.listdir(os.path.join(root, "enc"))) == ["1"]
     assert os.path.exists(os.path.join(first, "model_card.json"))
+
+
+def _version_contents(base):
+    """{version: {relative path: bytes}} of every integer-named folder."""
+    contents = {}
+    for version in export.versions(base):
+        folder = os.path.join(base, str(version))
+        files = {}
+        for directory, _, names in os.walk(folder):
+            for name in names:
+                path = os.path.join(directory, name)
+                files[os.path.relpath(path, folder)] = open(path, "rb").read()
+        contents[version] = files
+    return contents
+
+
+@pytest.mark.slow
+def test_export_killed_at_random_points_leaves_only_complete_versions(tmp_path):
+    root = str(tmp_path / "exports")
+    base = os.path.join(root, "enc")
+    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
+    worker = [sys.executable, "-m", "tests.export_worker", root]
+    first = subprocess.Popen([*worker, "1"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True)
+    assert first.stdout.readline().strip() == "ready"
+    started = time.time()
+    assert first.stdout.readline().startswith("exported")
+    export_seconds = time.time() - started
+    assert first.wait() == 0
+    complete = set(_version_contents(base)[1])  # the files of a whole export
+    assert {"saved_model.pb", "model_card.json", "variables/variables.index"} <= complete
+    rng = np.random.RandomState(8)
+    before = _version_contents(base)
+    killed_mid_write = 0
+    for round_ in range(6):
+        proc = subprocess.Popen(worker, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        if round_ % 2:  # at any moment of the first or second export
+            time.sleep(rng.uniform(0.0, 2 * export_seconds))
+        else:  # while files are being written: most of an export is tracing
+            deadline = time.time() + 10 * export_seconds
+            while time.time() < deadline and not any(
+                    n.startswith(".tmp-") for n in os.listdir(base)):
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0.0, 0.3))
+        proc.kill()
+        proc.wait()
+        killed_mid_write += any(n.startswith(".tmp-") for n in os.listdir(base))
+        after = _version_contents(base)
+        for version, files in after.items():
+            assert set(files) == complete, (round_, version, sorted(files))
+            card = json.loads(files["model_card.json"])
+            assert card["version"] == version
+        # Versions other than 1 (the one being overwritten) never change;
+        # version 1 is always whole, the old or the new one.
+        assert set(before) <= set(after)
+        for version in before:
+            if version != 1:
+                assert after[version] == before[version], (round_, version)
+        before = after
+    assert killed_mid_write >= 1, "no kill landed while a version was being written"
+    # Every version loads and serves; the next export removes the killed
+    # exports' staging folders (nothing but integer folders is left).
+    for version in export.versions(base):
+        served = tf.saved_model.load(os.path.join(base, str(version)))
+        out = served.signatures["serving_default"](images=tf.constant([_png(_images(1)[0])]))
+        assert out["embedding"].shape == (1, 32)
+    subprocess.run([*worker, "1"], cwd=ROOT, env=env, check=True, capture_output=True)
+    assert all(name.isdigit() for name in os.listdir(base)), os.listdir(base)
+
+
+def test_abandoned_overwrite_is_put_back(tmp_path):
+    base = tmp_path / "enc"
+    os.makedirs(base / ".old-3-999999999-abcd1234")  # moved aside by a dead process
+    (base / ".old-3-999999999-abcd1234" / "saved_model.pb").write_bytes(b"x")
+    os.makedirs(base / ".tmp-4-999999999-abcd1234")  # a dead process' staging
+    live = f".tmp-5-{os.getpid()}-abcd1234"  # a live process' staging
+    os.makedirs(base / live)
+    export._remove_abandoned(str(base))
+    assert sorted(os.listdir(base)) == [live, "3"]
+    assert (base / "3" / "saved_model.pb").read_bytes() == b"x"
 
 
 def _client():

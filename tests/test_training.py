@@ -78,24 +78,31 @@ def test_killed_job_resumes_and_ends_at_the_planned_step(tmp_path):
     args = [*TINY, "--train_steps=150", "--checkpoint_steps=4",
             f"--model_dir={model_dir}"]
     env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.Popen([sys.executable, "-m", "experiments.pretrain", *args],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    # Kill as soon as the first checkpoint is complete (listed in the
-    # CheckpointManager's state file), usually while the next one is written.
-    while time.time() < deadline and tf.train.latest_checkpoint(
-            os.path.join(model_dir, "checkpoints")) is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
-    assert latest is not None, "no checkpoint was completed in time"
-    killed_at = int(latest.rsplit("-", 1)[1])
-    assert killed_at < 150, "the run finished before it could be killed"
-    # Every checkpoint left on disk is readable.
-    for step in _checkpoints(model_dir):
-        tf.train.load_checkpoint(os.path.join(model_dir, "checkpoints", f"ckpt-{step}"))
+    folder = os.path.join(model_dir, "checkpoints")
+    rng = np.random.RandomState(3)
+    killed_at = 0
+    for round_ in range(3):
+        proc = subprocess.Popen([sys.executable, "-m", "experiments.pretrain", *args],
+                                cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        # Wait for a checkpoint newer than the last kill, then kill after a
+        # random delay up to about one checkpoint interval (4 steps): mid-step,
+        # or while the next checkpoint is being written.
+        deadline = time.time() + 240
+        while time.time() < deadline and int(
+                (tf.train.latest_checkpoint(folder) or "-0").rsplit("-", 1)[1]) <= killed_at:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 1.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        latest = tf.train.latest_checkpoint(folder)
+        assert latest is not None, "no checkpoint was completed in time"
+        assert int(latest.rsplit("-", 1)[1]) > killed_at, "no progress since the last kill"
+        killed_at = int(latest.rsplit("-", 1)[1])
+        assert killed_at < 150, "the run finished before it could be killed"
+        # Every checkpoint left on disk is readable.
+        for step in _checkpoints(model_dir):
+            tf.train.load_checkpoint(os.path.join(folder, f"ckpt-{step}"))
     result = _run(args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming at step {killed_at}" in result.stdout

@@ -36,7 +36,12 @@ STEPS = {
     "r18_b128_32px_fp32": (18, 32, 128, "float32", 64),
     "r18_b128_32px_bf16": (18, 32, 128, "mixed_bfloat16", 64),
     "r50_b64_64px_bf16": (50, 64, 64, "mixed_bfloat16", 64),
+    "r50_b8_224px_bf16": (50, 224, 8, "mixed_bfloat16", 64),
 }
+# Where the step time goes: one 3x3 convolution (+ BN + ReLU) at the shape
+# of each ResNet-18 stage at 32 px, batch 128 (256 views), per precision.
+CONV_STAGES = {"conv_stages_fp32": "float32", "conv_stages_bf16": "mixed_bfloat16"}
+STAGE_SHAPES = ((32, 64), (16, 128), (8, 256), (4, 512))  # (spatial size, channels)
 GPU_STEPS = {
     "r18_b512_32px_fp16": (18, 32, 512, "mixed_float16", 64),
     "r50_b256_224px_bf16": (50, 224, 256, "mixed_bfloat16", 64),
@@ -127,6 +132,52 @@ def bench_step(name, depth, size, batch, precision, base_width, steps, warmup):
     }
 
 
+def bench_conv_stages(precision, steps, warmup, views=256, shapes=STAGE_SHAPES):
+    """GFLOP/s of a 3x3 convolution forward and forward+backward at each
+    stage shape, and the time of BN + ReLU forward+backward beside it."""
+    import keras
+    import tensorflow as tf
+
+    keras.mixed_precision.set_global_policy(precision)
+    result = {}
+    for size, channels in shapes:
+        conv = keras.layers.Conv2D(channels, 3, padding="same", use_bias=False)
+        norm = keras.layers.BatchNormalization()
+        x = tf.random.uniform((views, size, size, channels))
+        conv.build(x.shape)
+        norm.build(x.shape)
+
+        @tf.function
+        def forward(x):
+            return tf.reduce_sum(tf.cast(conv(x), tf.float32))
+
+        @tf.function
+        def conv_train(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                loss = tf.reduce_sum(tf.cast(conv(x), tf.float32))
+            return tape.gradient(loss, [x, conv.kernel])
+
+        @tf.function
+        def norm_train(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                loss = tf.reduce_sum(tf.cast(tf.nn.relu(norm(x, training=True)), tf.float32))
+            return tape.gradient(loss, [x, *norm.trainable_weights])
+
+        flops = 2.0 * views * size * size * 9 * channels * channels
+        forward_s = _median_time(lambda: forward(x).numpy(), steps, warmup)
+        train_s = _median_time(lambda: [g.numpy() for g in conv_train(x)], steps, warmup)
+        norm_s = _median_time(lambda: [g.numpy() for g in norm_train(x)], steps, warmup)
+        key = f"{size}px_c{channels}"
+        result[f"{key}_fwd_gflops"] = round(flops / forward_s / 1e9, 1)
+        result[f"{key}_fwdbwd_gflops"] = round(3 * flops / train_s / 1e9, 1)
+        result[f"{key}_bnrelu_share"] = round(norm_s / (train_s + norm_s), 3)
+    keras.mixed_precision.set_global_policy("float32")
+    result["matmul_peak_gflops"] = round(matmul_peak(precision), 1)
+    return result
+
+
 def bench_ntxent(batch, steps, warmup):
     """Runs in a child process so its peak memory is its own."""
     # Peak memory from VmHWM: exec starts a fresh address space, whereas
@@ -183,7 +234,11 @@ def main(argv):
     if FLAGS.smoke:
         steps_table = {"smoke_r18_b8_16px_fp32": (18, 16, 8, "float32", 4)}
         ntxent_batches = (64,)
-    names = list(steps_table) + [f"ntxent_b{b}" for b in ntxent_batches]
+    conv_stages = dict(CONV_STAGES)
+    if FLAGS.smoke:
+        conv_stages = {"smoke_conv_stages_fp32": "float32"}
+    names = (list(steps_table) + list(conv_stages)
+             + [f"ntxent_b{b}" for b in ntxent_batches])
     if FLAGS.list:
         print("\n".join(names))
         return
@@ -196,6 +251,10 @@ def main(argv):
             continue
         if name.startswith("ntxent_b"):
             result = bench_ntxent(int(name[len("ntxent_b"):]), FLAGS.steps, FLAGS.warmup)
+        elif name in conv_stages:
+            result = bench_conv_stages(conv_stages[name], FLAGS.steps, FLAGS.warmup,
+                                       **({"views": 8, "shapes": ((8, 8),)}
+                                          if FLAGS.smoke else {}))
         else:
             result = bench_step(name, *steps_table[name], FLAGS.steps, FLAGS.warmup)
         rows.append((name, result))

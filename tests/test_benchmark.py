@@ -19,6 +19,10 @@ def test_benchmark_smoke(tmp_path):
     assert float(values["views_per_s"]) == pytest_approx(2 * float(values["images_per_s"]))
     assert 0 < float(values["mfu"]) < 1.5 and float(values["matmul_peak_gflops"]) > 1
     assert 0 < float(values["augment_share"])
+    conv = dict(kv.split("=") for kv in next(
+        l for l in lines if l.startswith("bench smoke_conv_stages")).split()[2:])
+    assert float(conv["8px_c8_fwd_gflops"]) > 0 and float(conv["8px_c8_fwdbwd_gflops"]) > 0
+    assert 0 < float(conv["8px_c8_bnrelu_share"]) < 1
     ntxent = next(l for l in lines if l.startswith("bench ntxent_b64"))
     assert "peak_rss_mb=" in ntxent and "step_s=" in ntxent
     text = out.read_text()

@@ -78,3 +78,70 @@ def test_serialisation_round_trip_keeps_outputs(tmp_path):
 def test_rejects_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         resnet(**kwargs)
+
+
+def _numpy_bn(x, gamma, beta, mean, var, eps):
+    return gamma * (x - mean) / np.sqrt(var + eps) + beta
+
+
+@pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16"])
+def test_fused_batch_norm_matches_numpy_and_keras(precision):
+    import tensorflow as tf
+    from contrastive_tf.backbones import FusedBatchNormalization
+
+    keras.mixed_precision.set_global_policy(precision)
+    try:
+        rng = np.random.RandomState(0)
+        x = (rng.randn(6, 5, 4, 3) * 2 + 1).astype(np.float32)
+        gamma, beta = rng.rand(3).astype(np.float32) + 0.5, rng.randn(3).astype(np.float32)
+        fused = FusedBatchNormalization(momentum=0.9, epsilon=1e-3)
+        plain = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-3)
+        for layer in (fused, plain):
+            layer.build(x.shape)
+            layer.gamma.assign(gamma)
+            layer.beta.assign(beta)
+        tol = 1e-5 if precision == "float32" else 3e-2
+        xin = tf.constant(x)
+        grads = {}
+        for name, layer in (("fused", fused), ("plain", plain)):
+            with tf.GradientTape() as tape:
+                tape.watch(xin)
+                y = layer(xin, training=True)
+                loss = tf.reduce_sum(tf.cast(y, tf.float32) * np.arange(3, dtype=np.float32))
+            grads[name] = tape.gradient(loss, [xin, layer.gamma, layer.beta])
+            assert y.dtype == layer.compute_dtype
+        # Training: batch statistics (biased variance), against NumPy.
+        xr = np.asarray(tf.cast(tf.cast(x, fused.compute_dtype), tf.float32))
+        mean, var = xr.mean((0, 1, 2)), xr.var((0, 1, 2))
+        np.testing.assert_allclose(np.asarray(tf.cast(fused(xin, training=True), tf.float32)),
+                                   _numpy_bn(xr, gamma, beta, mean, var, 1e-3),
+                                   atol=tol, rtol=tol)
+        # Moving statistics after two training calls, against NumPy.
+        np.testing.assert_allclose(fused.moving_mean.numpy(), 0.19 * mean, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(fused.moving_variance.numpy(), 0.81 + 0.19 * var,
+                                   rtol=1e-4, atol=1e-5)
+        # Gradients equal Keras' own (unfused) BatchNormalization's.
+        for a, b in zip(grads["fused"], grads["plain"]):
+            np.testing.assert_allclose(np.asarray(tf.cast(a, tf.float32)),
+                                       np.asarray(tf.cast(b, tf.float32)),
+                                       atol=tol * 10, rtol=tol * 10)
+        # Inference: moving statistics.
+        np.testing.assert_allclose(
+            np.asarray(tf.cast(fused(xin, training=False), tf.float32)),
+            _numpy_bn(xr, gamma, beta, fused.moving_mean.numpy(),
+                      fused.moving_variance.numpy(), 1e-3), atol=tol, rtol=tol)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def test_fused_batch_norm_falls_back_for_2d_and_synchronized_inputs():
+    from contrastive_tf.backbones import FusedBatchNormalization
+
+    x = np.random.RandomState(1).randn(8, 4).astype(np.float32)
+    layer = FusedBatchNormalization(epsilon=1e-3)
+    y = np.asarray(layer(x, training=True))
+    np.testing.assert_allclose(y, (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-3), atol=1e-5)
+    assert not FusedBatchNormalization(synchronized=True)._fusable(
+        keras.ops.zeros((2, 2, 2, 2)), None)
+    restored = keras.layers.deserialize(keras.layers.serialize(layer))
+    assert type(restored) is FusedBatchNormalization

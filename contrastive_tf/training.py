@@ -46,12 +46,12 @@ def save_checkpoint(manager: tf.train.CheckpointManager, step: int) -> str:
         return manager.save(checkpoint_number=step)
     except (tf.errors.OpError, OSError) as error:
         prefix = os.path.basename(manager._checkpoint_prefix)  # "ckpt"
-        complete = manager.latest_checkpoint or ""
-        for name in os.listdir(manager.directory):
-            if complete.endswith(f"{prefix}-{step}"):
-                break
-            if name.startswith(f"{prefix}-{step}_temp") or name.startswith(f"{prefix}-{step}."):
+        partial = (f"{prefix}-{step}_temp", f"{prefix}-{step}.")
+        if not (manager.latest_checkpoint or "").endswith(f"{prefix}-{step}"):
+            for name in os.listdir(manager.directory):
                 path = os.path.join(manager.directory, name)
+                if not name.startswith(partial):
+                    continue
                 if os.path.isdir(path):
                     shutil.rmtree(path, ignore_errors=True)
                 else:

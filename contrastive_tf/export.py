@@ -243,7 +243,7 @@ def _write(servable: _Servable, export_root: str, model_name: str,
             _exchange(staging, target)
         else:
             os.rename(staging, target)
-        _fsync_directory(base)
+        _fsync(base)
     finally:
         if os.path.exists(staging):
             shutil.rmtree(staging, ignore_errors=True)
@@ -255,16 +255,13 @@ def _sync_tree(folder: str) -> None:
     place, so a power cut cannot leave a version of empty files."""
     for directory, _, files in os.walk(folder):
         for name in files:
-            fd = os.open(os.path.join(directory, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_directory(directory)
+            _fsync(os.path.join(directory, name))
+        _fsync(directory)
 
 
-def _fsync_directory(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY)
+def _fsync(path: str) -> None:
+    """fsync of a file or a directory (its entries)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -292,11 +289,11 @@ def _exchange(new: str, old: str) -> None:
 
 def _alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # PermissionError: alive, owned by another user
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
     return True
 
 

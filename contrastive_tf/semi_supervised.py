@@ -59,6 +59,46 @@ def _save_classifier(classifier, class_names, folder):
     write_json(os.path.join(folder, "class_names.json"), list(class_names))
 
 
+@dataclasses.dataclass(frozen=True)
+class Splits:
+    """The pipeline's data: `val` (for model selection) and `pool` (the rest)
+    are disjoint parts of the training split; `subsets[f]` is a class-balanced
+    labelled fraction f of the whole training split drawn from `pool`, whose
+    positions in `pool` are `chosen[f]`; `subsets[1.0]` is `pool`."""
+    full: data.Source
+    test: data.Source
+    val: data.Source
+    pool: data.Source
+    pool_index: np.ndarray
+    chosen: dict
+    subsets: dict
+
+
+def labelled_splits(config: PipelineConfig) -> Splits:
+    """The validation split and labelled subsets every stage uses, drawn
+    from `config.seed` (the same for a given config, run after run)."""
+    pre = config.pretrain
+    full = data.load(pre.dataset, pre.train_split, pre.data_dir,
+                     image_size=pre.image_size, channels=pre.channels, seed=config.seed)
+    test = data.load(pre.dataset, pre.eval_split, pre.data_dir, image_size=pre.image_size,
+                     channels=full.image_shape[-1], seed=config.seed)
+    if not full.labelled:
+        raise data.DataError(f"{pre.dataset}: the pipeline needs labels for its "
+                             "labelled subsets and evaluation")
+    val_index = data.class_balanced_indices(full.labels, config.val_fraction,
+                                            seed=config.seed + 1)
+    pool_index = np.setdiff1d(np.arange(full.num_examples), val_index)
+    val, pool = full.subset(val_index), full.subset(pool_index)
+    chosen, subsets = {}, {}
+    for fraction in config.fractions:
+        per_class = max(1, int(round(fraction * full.num_examples / full.num_classes)))
+        chosen[fraction] = data.class_balanced_indices(pool.labels, per_class=per_class,
+                                                       seed=config.seed)
+        subsets[fraction] = pool.subset(chosen[fraction])
+    subsets[1.0] = pool
+    return Splits(full, test, val, pool, pool_index, chosen, subsets)
+
+
 def run_pipeline(config: PipelineConfig) -> dict:
     """Runs every stage and writes the results; returns results.json's dict."""
     started = time.time()
@@ -75,29 +115,14 @@ def run_pipeline(config: PipelineConfig) -> dict:
     summary = training.pretrain(pre)
     timings["pretrain_s"] = round(time.time() - t0, 1)
 
-    # Data: a validation split, then labelled subsets from what is left.
-    full = data.load(pre.dataset, pre.train_split, pre.data_dir,
-                     image_size=pre.image_size, channels=pre.channels, seed=config.seed)
+    splits = labelled_splits(config)
+    full, test, val, pool, pool_index, subsets = (
+        splits.full, splits.test, splits.val, splits.pool, splits.pool_index, splits.subsets)
     pre = dataclasses.replace(pre, channels=full.image_shape[-1])
-    test = data.load(pre.dataset, pre.eval_split, pre.data_dir,
-                     image_size=pre.image_size, channels=pre.channels, seed=config.seed)
-    if not full.labelled:
-        raise data.DataError(f"{pre.dataset}: the pipeline needs labels for its "
-                             "labelled subsets and evaluation")
-    val_index = data.class_balanced_indices(full.labels, config.val_fraction,
-                                            seed=config.seed + 1)
-    pool_index = np.setdiff1d(np.arange(full.num_examples), val_index)
-    val, pool = full.subset(val_index), full.subset(pool_index)
-    subsets = {}
     for fraction in config.fractions:
-        per_class = max(1, int(round(fraction * full.num_examples / full.num_classes)))
-        chosen = data.class_balanced_indices(pool.labels, per_class=per_class,
-                                             seed=config.seed)
-        subsets[fraction] = pool.subset(chosen)
         data.write_indices(os.path.join(out, f"labelled_{fraction}.json"),
-                           pool_index[chosen], fraction=fraction, seed=config.seed,
-                           dataset=pre.dataset, split=pre.train_split)
-    subsets[1.0] = pool
+                           pool_index[splits.chosen[fraction]], fraction=fraction,
+                           seed=config.seed, dataset=pre.dataset, split=pre.train_split)
     _say(f"data: {pool.num_examples} training images ({full.num_classes} classes), "
          f"{val.num_examples} validation, {test.num_examples} test; labelled subsets "
          + ", ".join(f"{f:g}: {subsets[f].num_examples}" for f in config.fractions))

@@ -30,6 +30,9 @@ flags.DEFINE_integer("warmup", 2, "Untimed warm-up steps.")
 flags.DEFINE_bool("write", True, "Append the results to BENCHMARKS.md.")
 flags.DEFINE_string("output", "BENCHMARKS.md", "Where results are appended.")
 flags.DEFINE_bool("smoke", False, "Tiny sizes, for the test suite.")
+flags.DEFINE_bool("profile", False, "Also trace --steps training steps with the TF "
+                  "profiler and report where their time goes, by op type "
+                  "(a NAME_profile row).")
 
 # name -> (depth, image size, batch, precision, base width)
 STEPS = {
@@ -94,7 +97,40 @@ def _leaf_layers(model):
             yield layer
 
 
-def bench_step(name, depth, size, batch, precision, base_width, steps, warmup):
+def op_type_shares(step, steps: int, top: int = 12) -> dict:
+    """Runs `step` `steps` times under the TF profiler; returns each op type's
+    share of the traced op self-time (idle excluded), the `top` largest, the
+    rest summed as `other`, and `traced_ms_per_step`."""
+    import json
+    import tempfile
+    import tensorflow as tf
+    from tensorflow.python.profiler.internal import _pywrap_profiler_plugin as plugin
+    with tempfile.TemporaryDirectory() as logdir:
+        tf.profiler.experimental.start(logdir)
+        for _ in range(steps):
+            step()
+        tf.profiler.experimental.stop()
+        paths = [os.path.join(root, f) for root, _, files in os.walk(logdir)
+                 for f in files if f.endswith(".xplane.pb")]
+        table = json.loads(plugin.xspace_to_tools_data(paths, "framework_op_stats", {})[0])[0]
+    columns = [c["id"] for c in table["cols"]]
+    kind, self_time = columns.index("type"), columns.index("total_self_time")
+    totals = {}
+    for row in table["rows"]:
+        values = [c.get("v") if c else None for c in row["c"]]
+        if values[kind] != "IDLE":
+            op = str(values[kind]).replace("_MklNative", "").replace("_Mkl", "")
+            totals[op] = totals.get(op, 0.0) + float(values[self_time])
+    total = sum(totals.values())
+    ranked = sorted(totals.items(), key=lambda item: -item[1])
+    shares = {op: round(t / total, 3) for op, t in ranked[:top]}
+    shares["other"] = round(sum(t for _, t in ranked[top:]) / total, 3)
+    shares["traced_ms_per_step"] = round(total / 1e3 / steps, 1)
+    return shares
+
+
+def bench_step(name, depth, size, batch, precision, base_width, steps, warmup,
+               profile=False):
     import keras
     import numpy as np
     import tensorflow as tf
@@ -116,8 +152,9 @@ def bench_step(name, depth, size, batch, precision, base_width, steps, warmup):
     head_flops = 2.0 * sum(int(np.prod(w.shape)) for w in head.weights if len(w.shape) == 2)
     flops_step = 3 * 2 * batch * (forward_flops(encoder) + head_flops)
     peak = matmul_peak(precision)
+    shares = op_type_shares(step, steps) if profile else None
     keras.mixed_precision.set_global_policy("float32")
-    return {
+    result = {
         "images_per_s": round(batch / step_s, 2),
         "views_per_s": round(2 * batch / step_s, 2),
         "step_s": round(step_s, 4),
@@ -130,6 +167,7 @@ def bench_step(name, depth, size, batch, precision, base_width, steps, warmup):
         "augment_images_per_s": round(2 * batch / augment_s, 1),
         "forward_gflop_per_image": round(forward_flops(encoder) / 1e9, 3),
     }
+    return result, shares
 
 
 def bench_conv_stages(precision, steps, warmup, views=256, shapes=STAGE_SHAPES):
@@ -256,9 +294,15 @@ def main(argv):
                                        **({"views": 8, "shapes": ((8, 8),)}
                                           if FLAGS.smoke else {}))
         else:
-            result = bench_step(name, *steps_table[name], FLAGS.steps, FLAGS.warmup)
-        rows.append((name, result))
-        print(f"bench {name} " + " ".join(f"{k}={v}" for k, v in result.items()), flush=True)
+            result, shares = bench_step(name, *steps_table[name], FLAGS.steps,
+                                        FLAGS.warmup, profile=FLAGS.profile)
+        new_rows = [(name, result)]
+        if name in steps_table and shares:
+            new_rows.append((f"{name}_profile", shares))
+        for row_name, values in new_rows:
+            print(f"bench {row_name} " + " ".join(f"{k}={v}" for k, v in values.items()),
+                  flush=True)
+        rows += new_rows
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"bench process peak_rss_mb={peak_rss:.0f}", flush=True)
     if not FLAGS.write:

@@ -9,16 +9,22 @@ def test_benchmark_smoke(tmp_path):
     out = tmp_path / "bench.md"
     result = subprocess.run(
         [sys.executable, "-m", "experiments.benchmark", "--smoke", "--steps=2",
-         "--warmup=1", f"--output={out}"], cwd=ROOT, capture_output=True, text=True,
+         "--warmup=1", "--profile", f"--output={out}"], cwd=ROOT, capture_output=True, text=True,
         timeout=600, env=dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3"))
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [l for l in result.stdout.splitlines() if l.startswith("bench ")]
-    step = next(l for l in lines if l.startswith("bench smoke_r18"))
+    step = next(l for l in lines if l.startswith("bench smoke_r18_b8_16px_fp32 "))
     values = dict(kv.split("=") for kv in step.split()[2:])
     assert float(values["images_per_s"]) > 0
     assert float(values["views_per_s"]) == pytest_approx(2 * float(values["images_per_s"]))
     assert 0 < float(values["mfu"]) < 1.5 and float(values["matmul_peak_gflops"]) > 1
     assert 0 < float(values["augment_share"])
+    # The op-type profile: shares of traced time that sum to one, convolutions among them.
+    profile = dict(kv.split("=") for kv in next(
+        l for l in lines if l.startswith("bench smoke_r18_b8_16px_fp32_profile")).split()[2:])
+    shares = {k: float(v) for k, v in profile.items() if k != "traced_ms_per_step"}
+    assert abs(sum(shares.values()) - 1) < 0.01 and float(profile["traced_ms_per_step"]) > 0
+    assert any(op.startswith("Conv2D") for op in shares), shares
     conv = dict(kv.split("=") for kv in next(
         l for l in lines if l.startswith("bench smoke_conv_stages")).split()[2:])
     assert float(conv["8px_c8_fwd_gflops"]) > 0 and float(conv["8px_c8_fwdbwd_gflops"]) > 0

@@ -124,7 +124,7 @@ class PipelineConfig:
     finetune_min_steps: int = 10
     supervised_learning_rate: float = 0.05
     supervised_epochs: int = 60
-    patience: int = 8
+    patience: int = 0
     finetune_crop_min_area: float = 0.3
     probe_steps: int = 1000
     knn_k: int = 20
@@ -142,7 +142,9 @@ class PipelineConfig:
             (0 < self.val_fraction < 0.5, "val_fraction must lie in (0, 0.5)"),
             (self.distill_fraction in self.fractions,
              "distill_fraction must be one of the fractions"),
-            (self.finetune_epochs > 0 and self.distill_epochs > 0, "epochs must be > 0"),
+            (self.finetune_epochs > 0 and self.supervised_epochs > 0
+             and self.distill_epochs > 0, "epochs must be > 0"),
+            (self.patience >= 0, "patience must be >= 0 (0: no early stopping)"),
             (self.distill_temperature > 0, "distill_temperature must be > 0"),
             (self.student_init in ("pretrained", "scratch"),
              "student_init must be 'pretrained' or 'scratch'"),

@@ -59,7 +59,7 @@ def train_classifier(classifier: keras.Model, train: data.Source,
                      val: data.Source, test: data.Source, *,
                      epochs: int = 100, batch_size: int = 64,
                      learning_rate: float = 0.1, weight_decay: float = 1e-4,
-                     optimizer: str = "sgd", patience: int = 10,
+                     optimizer: str = "sgd", patience: int = 0,
                      crop_min_area: float = 0.08, min_steps: int = 0,
                      seed: int = 0, verbose: int = 0) -> FinetuneResult:
     """Trains `classifier` on labelled `train`, keeps the weights of the best
@@ -67,9 +67,15 @@ def train_classifier(classifier: keras.Model, train: data.Source,
 
     Each "epoch" is max(one pass over `train`, `min_steps` steps), so tiny
     label fractions still get enough updates. The learning rate warms up for
-    one epoch and decays by cosine over `epochs`; training stops early when
-    validation accuracy has not improved for `patience` epochs.
+    one epoch and decays by cosine over `epochs`. With `patience` 0 (the
+    default) the whole schedule runs; otherwise training also stops once
+    validation accuracy has not improved for `patience` epochs -- which cuts
+    the cosine schedule short, before its low-learning-rate end, where
+    accuracy usually rises most. Either way the weights of the best
+    validation epoch are kept.
     """
+    if patience < 0:
+        raise ValueError(f"Expected patience >= 0. Received: patience={patience}")
     keras.utils.set_random_seed(seed)
     image_size = int(classifier.input.shape[1])
     trainer = _trainer(classifier, finetune_augmenter(image_size, crop_min_area, seed))
@@ -81,8 +87,11 @@ def train_classifier(classifier: keras.Model, train: data.Source,
                     metrics=["accuracy"])
     stream = data.training_stream(train, batch_size, seed=seed, with_labels=True)
     val_data = data.pipeline(val, 512, training=False)
+    # EarlyStopping restores the best epoch's weights at the end of training,
+    # also when it never stops early (patience = epochs).
     stopper = keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max",
-                                            patience=patience, restore_best_weights=True)
+                                            patience=patience or epochs,
+                                            restore_best_weights=True)
     history = trainer.fit(stream, steps_per_epoch=steps, epochs=epochs,
                           validation_data=val_data, callbacks=[stopper],
                           verbose=verbose)

@@ -25,7 +25,8 @@ flags.DEFINE_integer("finetune_min_steps", 10, "Minimum steps per fine-tuning ep
 flags.DEFINE_float("supervised_learning_rate", 0.05, "Supervised baseline peak learning rate.")
 flags.DEFINE_integer("supervised_epochs", 60, "Maximum supervised-baseline epochs (early "
                      "stopping on validation ends it sooner).")
-flags.DEFINE_integer("patience", 8, "Early-stopping patience in epochs.")
+flags.DEFINE_integer("patience", 0, "Early-stopping patience in epochs; 0: run the whole "
+                     "learning-rate schedule (the best validation epoch is kept either way).")
 flags.DEFINE_float("finetune_crop_min_area", 0.3, "Smallest crop area when fine-tuning.")
 flags.DEFINE_integer("probe_steps", 1000, "Full-batch steps of the linear probe.")
 flags.DEFINE_integer("probe_knn_k", 20, "Neighbours for the kNN evaluation.")

@@ -10,6 +10,7 @@ import keras
 
 import contrastive_tf as ct
 from contrastive_tf import data, finetune, semi_supervised
+from contrastive_tf.config import PipelineConfig, PretrainConfig
 from contrastive_tf.distill import Distiller
 from tests.testing import tiny_encoder
 
@@ -48,6 +49,40 @@ def test_train_classifier_learns_and_keeps_best_validation_weights():
     assert result.test_accuracy > 0.8
     assert 1 <= result.best_epoch <= result.epochs_run <= 8
     assert finetune.evaluate_classifier(classifier, test) == pytest.approx(result.test_accuracy)
+
+
+def test_train_classifier_runs_the_whole_schedule_without_patience():
+    train, val, test = _separable(48), _separable(30, 1), _separable(30, 2)
+    keras.utils.set_random_seed(0)
+    classifier = finetune.build_classifier(tiny_encoder(16, 1), 3)
+    result = finetune.train_classifier(classifier, train, val, test, epochs=5,
+                                       batch_size=16, learning_rate=0.05)
+    assert result.epochs_run == 5
+    # the kept weights are those of the best validation epoch
+    assert finetune.evaluate_classifier(classifier, val) == pytest.approx(result.val_accuracy)
+    with pytest.raises(ValueError, match="patience"):
+        finetune.train_classifier(classifier, train, val, test, epochs=1, patience=-1)
+
+
+def test_labelled_splits_are_disjoint_class_balanced_and_repeatable():
+    pre = PretrainConfig(dataset="embedded", image_size=28, model_dir="unused")
+    config = PipelineConfig(output_dir="unused", pretrain=pre, fractions=(0.01, 0.1),
+                            val_fraction=0.1, seed=3)
+    splits = semi_supervised.labelled_splits(config)
+    n = splits.full.num_examples
+    assert splits.val.num_examples + splits.pool.num_examples == n
+    val_rows = set(range(n)) - set(splits.pool_index.tolist())
+    assert len(val_rows) == splits.val.num_examples == round(0.1 * n)
+    for fraction in (0.01, 0.1):
+        rows = splits.pool_index[splits.chosen[fraction]]
+        assert not set(rows.tolist()) & val_rows
+        counts = np.bincount(splits.subsets[fraction].labels, minlength=10)
+        assert (counts == round(fraction * n / 10)).all(), counts
+        np.testing.assert_array_equal(splits.subsets[fraction].labels,
+                                      splits.full.labels[rows])
+    again = semi_supervised.labelled_splits(config)
+    np.testing.assert_array_equal(again.pool_index, splits.pool_index)
+    np.testing.assert_array_equal(again.chosen[0.01], splits.chosen[0.01])
 
 
 def test_distiller_moves_the_student_towards_the_teacher():

@@ -38,21 +38,25 @@ class FusedBatchNormalization(layers.BatchNormalization):
     at ResNet-18's first stage in bfloat16 went from about 4x the time of
     the 3x3 convolution beside it to under 1x (BENCHMARKS.md). Statistics are
     still computed in float32 for bfloat16/float16 inputs. Falls back to the
-    Keras implementation for synchronised BN, masks, renorm, other axes or
-    ranks, and other backends. TensorFlow's fused op needs epsilon >=
+    Keras implementation for synchronised BN, masks, renorm, other axes,
+    ranks other than 4 (images) and 2 (features, run as 1x1 images), and
+    other backends. TensorFlow's fused op needs epsilon >=
     1.001e-5; smaller values are raised to that.
     """
 
     def _fusable(self, inputs, mask):
         return (keras.backend.backend() == "tensorflow" and mask is None
                 and not self.synchronized and not self.renorm
-                and len(inputs.shape) == 4 and self.axis in (-1, 3)
+                and len(inputs.shape) in (2, 4) and self.axis in (-1, len(inputs.shape) - 1)
                 and inputs.dtype in (tf.float32, tf.bfloat16, tf.float16))
 
     def call(self, inputs, training=None, mask=None):
         if not self._fusable(inputs, mask):
             return super().call(inputs, training=training, mask=mask)
         channels = inputs.shape[-1]
+        flat = len(inputs.shape) == 2
+        if flat:  # (batch, features) as a (batch, 1, 1, features) image
+            inputs = tf.reshape(inputs, [-1, 1, 1, channels])
         gamma = self.gamma if self.scale else tf.ones([channels], tf.float32)
         beta = self.beta if self.center else tf.zeros([channels], tf.float32)
         epsilon = max(self.epsilon, 1.001e-5)
@@ -70,6 +74,8 @@ class FusedBatchNormalization(layers.BatchNormalization):
             outputs, _, _ = tf.compat.v1.nn.fused_batch_norm(
                 inputs, gamma, beta, mean=self.moving_mean,
                 variance=self.moving_variance, epsilon=epsilon, is_training=False)
+        if flat:
+            outputs = tf.reshape(outputs, [-1, channels])
         return ops.cast(outputs, self.compute_dtype)
 
 

@@ -6,6 +6,7 @@ import keras
 from keras import layers
 
 from contrastive_tf import distribution
+from contrastive_tf.backbones import FusedBatchNormalization
 
 
 @keras.saving.register_keras_serializable(package="contrastive_tf")
@@ -80,7 +81,7 @@ class ProjectionHead(keras.layers.Layer):
             last = index == self.num_layers - 1
             dense = layers.Dense(self.output_dim if last else width,
                                  use_bias=False, name=f"dense_{index}")
-            norm = layers.BatchNormalization(
+            norm = FusedBatchNormalization(
                 momentum=self.bn_momentum, epsilon=self.bn_epsilon,
                 center=not last, synchronized=synchronized, name=f"bn_{index}")
             dense.build(shape)

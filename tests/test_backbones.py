@@ -84,15 +84,17 @@ def _numpy_bn(x, gamma, beta, mean, var, eps):
     return gamma * (x - mean) / np.sqrt(var + eps) + beta
 
 
+@pytest.mark.parametrize("shape", [(6, 5, 4, 3), (40, 3)])
 @pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16"])
-def test_fused_batch_norm_matches_numpy_and_keras(precision):
+def test_fused_batch_norm_matches_numpy_and_keras(precision, shape):
     import tensorflow as tf
     from contrastive_tf.backbones import FusedBatchNormalization
 
     keras.mixed_precision.set_global_policy(precision)
     try:
         rng = np.random.RandomState(0)
-        x = (rng.randn(6, 5, 4, 3) * 2 + 1).astype(np.float32)
+        x = (rng.randn(*shape) * 2 + 1).astype(np.float32)
+        axes = tuple(range(len(shape) - 1))
         gamma, beta = rng.rand(3).astype(np.float32) + 0.5, rng.randn(3).astype(np.float32)
         fused = FusedBatchNormalization(momentum=0.9, epsilon=1e-3)
         plain = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-3)
@@ -112,7 +114,7 @@ def test_fused_batch_norm_matches_numpy_and_keras(precision):
             assert y.dtype == layer.compute_dtype
         # Training: batch statistics (biased variance), against NumPy.
         xr = np.asarray(tf.cast(tf.cast(x, fused.compute_dtype), tf.float32))
-        mean, var = xr.mean((0, 1, 2)), xr.var((0, 1, 2))
+        mean, var = xr.mean(axes), xr.var(axes)
         np.testing.assert_allclose(np.asarray(tf.cast(fused(xin, training=True), tf.float32)),
                                    _numpy_bn(xr, gamma, beta, mean, var, 1e-3),
                                    atol=tol, rtol=tol)
@@ -134,13 +136,16 @@ def test_fused_batch_norm_matches_numpy_and_keras(precision):
         keras.mixed_precision.set_global_policy("float32")
 
 
-def test_fused_batch_norm_falls_back_for_2d_and_synchronized_inputs():
+def test_fused_batch_norm_falls_back_for_other_ranks_and_synchronized_inputs():
     from contrastive_tf.backbones import FusedBatchNormalization
 
-    x = np.random.RandomState(1).randn(8, 4).astype(np.float32)
+    x = np.random.RandomState(1).randn(8, 3, 4).astype(np.float32)
     layer = FusedBatchNormalization(epsilon=1e-3)
+    assert not layer._fusable(keras.ops.convert_to_tensor(x), None)
+    assert layer._fusable(keras.ops.zeros((8, 4)), None)
     y = np.asarray(layer(x, training=True))
-    np.testing.assert_allclose(y, (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-3), atol=1e-5)
+    np.testing.assert_allclose(y, (x - x.mean((0, 1))) / np.sqrt(x.var((0, 1)) + 1e-3),
+                               atol=1e-5)
     assert not FusedBatchNormalization(synchronized=True)._fusable(
         keras.ops.zeros((2, 2, 2, 2)), None)
     restored = keras.layers.deserialize(keras.layers.serialize(layer))

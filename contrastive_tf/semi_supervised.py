@@ -39,15 +39,22 @@ def _fraction_key(fraction: float) -> str:
     return repr(float(fraction))
 
 
-def _fresh_encoder_and_head(config, base_width=None):
-    encoder = resnet(config.depth, config.width_multiplier, sk_ratio=config.sk_ratio,
-                     base_width=base_width or config.base_width,
-                     input_shape=(config.image_size, config.image_size, config.channels))
-    head = None
-    if config.ft_layer > 0:
-        head = ProjectionHead(config.projection_layers, config.projection_dim,
-                              ft_layer=config.ft_layer)
-        head.build(encoder.output.shape)
+def fresh_encoder_and_head(config, base_width=None):
+    """A newly initialised encoder (and head) in the pretraining's precision,
+    like the pretrained one it is compared with."""
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(config.precision)
+    try:
+        encoder = resnet(config.depth, config.width_multiplier, sk_ratio=config.sk_ratio,
+                         base_width=base_width or config.base_width,
+                         input_shape=(config.image_size, config.image_size, config.channels))
+        head = None
+        if config.ft_layer > 0:
+            head = ProjectionHead(config.projection_layers, config.projection_dim,
+                                  ft_layer=config.ft_layer)
+            head.build(encoder.output.shape)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
     return encoder, head
 
 
@@ -189,7 +196,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
 
     def fresh_parts():
         keras.utils.set_random_seed(config.seed)
-        return _fresh_encoder_and_head(pre)
+        return fresh_encoder_and_head(pre)
 
     # 3. Fine-tuning from the pretrained encoder (and first head layer).
     _say("3/6 fine-tuning the pretrained encoder on the labelled subsets")
@@ -217,7 +224,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
         # (not from the teacher's fine-tuned weights).
         encoder, head = pretrained_parts()
     else:
-        encoder, head = _fresh_encoder_and_head(pre, config.student_base_width or None)
+        encoder, head = fresh_encoder_and_head(pre, config.student_base_width or None)
     student = finetune.build_classifier(encoder, full.num_classes, head, name="student")
     distiller = Distiller(teacher, student,
                           finetune.finetune_augmenter(pre.image_size,

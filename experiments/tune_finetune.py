@@ -73,7 +73,7 @@ def main(argv):
             head = model.projection_head if options.get("from", "head") == "head" else None
         else:
             keras.utils.set_random_seed(FLAGS.seed)
-            encoder, head = semi_supervised._fresh_encoder_and_head(pre)
+            encoder, head = semi_supervised.fresh_encoder_and_head(pre)
             if options.get("from", "head") == "h":
                 head = None
         classifier = finetune.build_classifier(encoder, splits.full.num_classes, head)

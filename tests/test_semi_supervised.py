@@ -85,6 +85,17 @@ def test_labelled_splits_are_disjoint_class_balanced_and_repeatable():
     np.testing.assert_array_equal(again.chosen[0.01], splits.chosen[0.01])
 
 
+def test_fresh_models_use_the_pretraining_precision():
+    # The supervised baseline must run in the precision of the pretrained
+    # encoder it is compared with, whatever the global policy is.
+    pre = PretrainConfig(dataset="embedded", image_size=16, base_width=4,
+                         precision="mixed_bfloat16", model_dir="unused")
+    encoder, head = semi_supervised.fresh_encoder_and_head(pre)
+    assert encoder.get_layer("stem_conv").compute_dtype == "bfloat16"
+    assert head.dense_0.compute_dtype == "bfloat16"
+    assert keras.mixed_precision.global_policy().name == "float32"
+
+
 def test_distiller_moves_the_student_towards_the_teacher():
     keras.utils.set_random_seed(0)
     inputs = keras.Input((16, 16, 1))

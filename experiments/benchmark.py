@@ -30,6 +30,8 @@ flags.DEFINE_integer("warmup", 2, "Untimed warm-up steps.")
 flags.DEFINE_bool("write", True, "Append the results to BENCHMARKS.md.")
 flags.DEFINE_string("output", "BENCHMARKS.md", "Where results are appended.")
 flags.DEFINE_bool("smoke", False, "Tiny sizes, for the test suite.")
+flags.DEFINE_integer("inter_op_threads", 0, "TensorFlow inter-op threads (0: its default).")
+flags.DEFINE_integer("intra_op_threads", 0, "TensorFlow intra-op threads (0: its default).")
 flags.DEFINE_bool("profile", False, "Also trace --steps training steps with the TF "
                   "profiler and report where their time goes, by op type "
                   "(a NAME_profile row).")
@@ -265,6 +267,8 @@ def main(argv):
     import keras
     import tensorflow as tf
     import keras_cv
+    tf.config.threading.set_inter_op_parallelism_threads(FLAGS.inter_op_threads)
+    tf.config.threading.set_intra_op_parallelism_threads(FLAGS.intra_op_threads)
     steps_table = dict(STEPS)
     if tf.config.list_physical_devices("GPU"):
         steps_table.update(GPU_STEPS)

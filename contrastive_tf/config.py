@@ -122,7 +122,7 @@ class PipelineConfig:
     finetune_batch_size: int = 64
     finetune_learning_rate: float = 0.05
     finetune_min_steps: int = 10
-    supervised_learning_rate: float = 0.05
+    supervised_learning_rate: float = 0.1
     supervised_epochs: int = 60
     patience: int = 0
     finetune_crop_min_area: float = 0.3

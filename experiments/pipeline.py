@@ -17,14 +17,16 @@ from experiments import pretrain as pretrain_flags
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output_dir", None, "Where every stage writes its outputs.")
 flags.DEFINE_list("fractions", ["0.01", "0.1"], "Labelled fractions to fine-tune on.")
-flags.DEFINE_float("val_fraction", 0.1, "Training images held out for early stopping.")
-flags.DEFINE_integer("finetune_epochs", 30, "Maximum fine-tuning epochs.")
+flags.DEFINE_float("val_fraction", 0.1, "Training images held out for model selection.")
+flags.DEFINE_integer("finetune_epochs", 30, "Fine-tuning epochs (the cosine schedule's length).")
 flags.DEFINE_integer("finetune_batch_size", 64, "Fine-tuning batch size.")
-flags.DEFINE_float("finetune_learning_rate", 0.05, "Fine-tuning peak learning rate.")
+flags.DEFINE_float("finetune_learning_rate", 0.05, "Fine-tuning peak learning rate "
+                   "(0.01 / 0.05 / 0.1 tried on the validation split: BENCHMARKS.md).")
 flags.DEFINE_integer("finetune_min_steps", 10, "Minimum steps per fine-tuning epoch.")
-flags.DEFINE_float("supervised_learning_rate", 0.05, "Supervised baseline peak learning rate.")
-flags.DEFINE_integer("supervised_epochs", 60, "Maximum supervised-baseline epochs (early "
-                     "stopping on validation ends it sooner).")
+flags.DEFINE_float("supervised_learning_rate", 0.1, "Supervised baseline peak learning rate "
+                   "(0.05 / 0.1 / 0.2 tried on the validation split: BENCHMARKS.md).")
+flags.DEFINE_integer("supervised_epochs", 60, "Supervised-baseline epochs (the cosine "
+                     "schedule's length).")
 flags.DEFINE_integer("patience", 0, "Early-stopping patience in epochs; 0: run the whole "
                      "learning-rate schedule (the best validation epoch is kept either way).")
 flags.DEFINE_float("finetune_crop_min_area", 0.3, "Smallest crop area when fine-tuning.")

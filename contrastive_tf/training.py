@@ -299,6 +299,8 @@ def pretrain(config: PretrainConfig, verbose: int = 1,
             (query.images, query.labels), source.num_classes, steps_per_epoch,
             config.knn_every_epochs or None, config.knn_k, config.knn_temperature,
             writer=tf.summary.create_file_writer(os.path.join(log_dir, "knn")))
+        # fit sets it too, but a finished run resumed at its last step never calls fit.
+        knn.set_model(model)
         callbacks.append(knn)
     if config.log_images and source.images is not None and chief:
         callbacks.append(ViewPairsToTensorBoard(source.images[:4], writer))

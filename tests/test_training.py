@@ -64,6 +64,17 @@ def test_job_end_to_end_through_absl(tmp_path):
     assert check.returncode == 0, check.stderr[-2000:]
     assert "(2, 32)" in check.stdout
 
+    # Rerunning the finished job trains nothing and reports the same model
+    # (the pipeline reuses a finished pretraining this way).
+    again = _run([*TINY, "--train_steps=6", "--checkpoint_steps=4",
+                  f"--model_dir={model_dir}"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    rerun = json.load(open(os.path.join(model_dir, "summary.json")))
+    assert rerun["step"] == 6 and rerun["steps_this_run"] == 0
+    assert rerun["metrics"]["knn_accuracy"] == pytest.approx(
+        summary["metrics"]["knn_accuracy"])
+    assert _checkpoints(model_dir) == [4, 6]
+
     # A different architecture in the same model_dir is refused.
     refused = _run([*TINY, "--base_width=8", "--train_steps=8",
                     f"--model_dir={model_dir}"])

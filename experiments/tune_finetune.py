@@ -39,7 +39,13 @@ def parse_trial(text: str) -> tuple[str, dict]:
         if key not in _KEYS:
             raise app.UsageError(f"trial {text!r}: unknown key {key!r} "
                                  f"(known: {', '.join(_KEYS)})")
-        options[key] = _KEYS[key](value)
+        try:
+            options[key] = _KEYS[key](value)
+        except ValueError:
+            raise app.UsageError(f"trial {text!r}: {key}={value!r} is not a "
+                                 f"{_KEYS[key].__name__}") from None
+    if options.get("from", "head") not in ("head", "h"):
+        raise app.UsageError(f"trial {text!r}: from must be head or h")
     return method, options
 
 

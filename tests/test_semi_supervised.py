@@ -175,3 +175,19 @@ def test_pipeline_end_to_end_on_a_tiny_budget(tmp_path):
                               == test.labels[start:start + 500]))
     assert correct / test.num_examples == pytest.approx(report["simclr_finetune"]["0.1"],
                                                         abs=1e-3)
+
+
+def test_tune_finetune_trial_parsing():
+    from absl import app
+    from experiments.tune_finetune import parse_trial
+    assert parse_trial("simclr:lr=0.05,epochs=40,from=h") == (
+        "simclr", {"lr": 0.05, "epochs": 40, "from": "h"})
+    assert parse_trial("supervised:") == ("supervised", {})
+    with pytest.raises(app.UsageError, match="unknown key 'learning_rate'"):
+        parse_trial("simclr:learning_rate=0.1")
+    with pytest.raises(app.UsageError, match="simclr or supervised"):
+        parse_trial("scratch:lr=0.1")
+    with pytest.raises(app.UsageError, match="from must be head or h"):
+        parse_trial("simclr:from=z")
+    with pytest.raises(app.UsageError, match="epochs='x' is not a int"):
+        parse_trial("simclr:epochs=x")

@@ -79,6 +79,76 @@ class FusedBatchNormalization(layers.BatchNormalization):
         return ops.cast(outputs, self.compute_dtype)
 
 
+@keras.saving.register_keras_serializable(package="contrastive_tf")
+class SmallMapConv2D(layers.Conv2D):
+    """`Conv2D` whose kernel gradient is one matrix product over image
+    patches when the output map is small.
+
+    oneDNN's bfloat16 weight-gradient kernel is slow on tiny maps: on this
+    project's 2-core AMX CPU, ResNet-18's last stage at 32 px (4x4 maps,
+    512 channels, 256 views) computed it at about 220 GFLOP/s -- 5 to 6 times
+    the forward convolution's time -- whereas `extract_patches` + `matmul`
+    does the same sum at about 660 (BENCHMARKS.md). On larger maps oneDNN is
+    faster, so the patch route is taken only when the output has at most
+    `matmul_grad_max_pixels` pixels (default 16: 4x4); otherwise, and for
+    dilation, groups, channels-first data or other backends, this is
+    Keras' `Conv2D`. Forward pass, input gradient and results are
+    unchanged (the same sums, in another order).
+    """
+
+    def __init__(self, *args, matmul_grad_max_pixels: int = 16, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.matmul_grad_max_pixels = int(matmul_grad_max_pixels)
+
+    def _patch_gradient(self, inputs) -> bool:
+        if (keras.backend.backend() != "tensorflow" or self.groups != 1
+                or self.data_format != "channels_last" or len(inputs.shape) != 4
+                or any(d != 1 for d in self.dilation_rate)
+                or self.padding not in ("same", "valid")):
+            return False
+        out = self.compute_output_shape(inputs.shape)
+        return (out[1] is not None and out[2] is not None
+                and out[1] * out[2] <= self.matmul_grad_max_pixels)
+
+    def call(self, inputs):
+        if not self._patch_gradient(inputs):
+            return super().call(inputs)
+        outputs = _conv2d_patch_gradient(
+            inputs, ops.cast(self.kernel, inputs.dtype), tuple(self.strides),
+            self.padding.upper())
+        if self.use_bias:
+            outputs = outputs + ops.cast(self.bias, outputs.dtype)
+        return self.activation(outputs) if self.activation is not None else outputs
+
+    def get_config(self):
+        config = super().get_config()
+        config["matmul_grad_max_pixels"] = self.matmul_grad_max_pixels
+        return config
+
+
+def _conv2d_patch_gradient(x, kernel, strides, padding):
+    """tf.nn.conv2d (NHWC) whose kernel gradient is patches^T @ dy."""
+    kh, kw, cin, cout = kernel.shape
+    step = [1, strides[0], strides[1], 1]
+
+    @tf.custom_gradient
+    def conv(x, kernel):
+        def gradient(dy):
+            dx = tf.compat.v1.nn.conv2d_backprop_input(tf.shape(x), kernel, dy, step,
+                                                       padding)
+            if kh == kw == 1:  # no padding either way: the strided input is the patches
+                patches = x[:, ::strides[0], ::strides[1], :]
+            else:
+                patches = tf.image.extract_patches(x, [1, kh, kw, 1], step, [1, 1, 1, 1],
+                                                   padding)
+            dkernel = tf.matmul(tf.reshape(patches, [-1, kh * kw * cin]),
+                                tf.reshape(dy, [-1, cout]), transpose_a=True)
+            return dx, tf.reshape(dkernel, kernel.shape)
+        return tf.nn.conv2d(x, kernel, step, padding), gradient
+
+    return conv(x, kernel)
+
+
 class _Builder:
     """Holds the shared settings while the functional graph is laid out."""
 
@@ -89,9 +159,9 @@ class _Builder:
         self.sk_ratio = sk_ratio
 
     def conv(self, x, filters, kernel, strides=1, name=None):
-        return layers.Conv2D(filters, kernel, strides=strides, padding="same",
-                             use_bias=False, kernel_initializer="he_normal",
-                             name=name)(x)
+        return SmallMapConv2D(filters, kernel, strides=strides, padding="same",
+                              use_bias=False, kernel_initializer="he_normal",
+                              name=name)(x)
 
     def bn(self, x, relu=True, zero_gamma=False, name=None):
         x = FusedBatchNormalization(

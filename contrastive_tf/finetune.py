@@ -2,7 +2,7 @@
 
 `build_classifier` puts a linear layer on the encoder's features (h, or the
 first projection-head layer as SimCLRv2 does); `train_classifier` trains it
-with crop + flip augmentation and early stopping on a validation split. The
+with crop + flip augmentation, keeping its best epoch on a validation split. The
 same function trains the supervised baseline from a freshly initialised
 encoder, so the two differ only in their starting weights.
 """

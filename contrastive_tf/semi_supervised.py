@@ -5,7 +5,7 @@ labels -> the same architecture trained from scratch on the same labels ->
 distil the fine-tuned teacher into a student on all (unlabelled) training
 images -> export -> results.json, results.md, label_efficiency.png.
 
-Model selection (early stopping) for both fine-tuning and the supervised
+Model selection (the best epoch) for both fine-tuning and the supervised
 baseline uses a class-balanced validation split carved out of the training
 images, disjoint from the labelled subsets; the test split is used only to
 report the final numbers.

@@ -58,6 +58,13 @@ def fresh_encoder_and_head(config, base_width=None):
     return encoder, head
 
 
+def pretrained_encoder_and_head(config):
+    """The encoder (and, with `ft_layer` > 0, the head) pretrained into
+    `config.model_dir`, freshly loaded, so each classifier gets its own copy."""
+    model = keras.models.load_model(os.path.join(config.model_dir, "simclr.keras"))
+    return model.encoder, (model.projection_head if config.ft_layer > 0 else None)
+
+
 def _save_classifier(classifier, class_names, folder):
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, "classifier.tmp.keras")
@@ -191,8 +198,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
         return classifiers
 
     def pretrained_parts():
-        model = load_pretrained()
-        return model.encoder, (model.projection_head if pre.ft_layer > 0 else None)
+        return pretrained_encoder_and_head(pre)
 
     def fresh_parts():
         keras.utils.set_random_seed(config.seed)

@@ -291,6 +291,7 @@ def main(argv):
     for name in names:
         if FLAGS.only and name not in FLAGS.only:
             continue
+        shares = None
         if name.startswith("ntxent_b"):
             result = bench_ntxent(int(name[len("ntxent_b"):]), FLAGS.steps, FLAGS.warmup)
         elif name in conv_stages:
@@ -301,7 +302,7 @@ def main(argv):
             result, shares = bench_step(name, *steps_table[name], FLAGS.steps,
                                         FLAGS.warmup, profile=FLAGS.profile)
         new_rows = [(name, result)]
-        if name in steps_table and shares:
+        if shares:
             new_rows.append((f"{name}_profile", shares))
         for row_name, values in new_rows:
             print(f"bench {row_name} " + " ".join(f"{k}={v}" for k, v in values.items()),

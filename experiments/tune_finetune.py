@@ -8,7 +8,8 @@ Uses the pipeline's own splits (same seed, same validation images and labelled
 subset) and the encoder it pretrained into --output_dir/pretrain. Each trial
 is `METHOD:key=value,...` with METHOD `simclr` (from the pretrained encoder)
 or `supervised` (from scratch) and keys lr, epochs, patience, wd, batch,
-min_steps, crop, from (head|h). Prints one `trial ...` line per trial with
+min_steps, crop, from (head|h); lr and epochs default to the pipeline's flags
+for that method. Prints one `trial ...` line per trial with
 validation and test accuracy and appends them to
 --output_dir/tuning_<fraction>.jsonl. Choose by validation accuracy only.
 """
@@ -71,24 +72,25 @@ def main(argv):
     splits = semi_supervised.labelled_splits(config)
     pre = dataclasses.replace(pre, channels=splits.full.image_shape[-1])
     train = splits.subsets[FLAGS.fraction]
+    os.makedirs(FLAGS.output_dir, exist_ok=True)
     log_path = os.path.join(FLAGS.output_dir, f"tuning_{FLAGS.fraction:g}.jsonl")
     for method, options in trials:
         if method == "simclr":
-            model = keras.models.load_model(os.path.join(pre.model_dir, "simclr.keras"))
-            encoder = model.encoder
-            head = model.projection_head if options.get("from", "head") == "head" else None
+            encoder, head = semi_supervised.pretrained_encoder_and_head(pre)
+            lr, epochs = FLAGS.finetune_learning_rate, FLAGS.finetune_epochs
         else:
             keras.utils.set_random_seed(FLAGS.seed)
             encoder, head = semi_supervised.fresh_encoder_and_head(pre)
-            if options.get("from", "head") == "h":
-                head = None
+            lr, epochs = FLAGS.supervised_learning_rate, FLAGS.supervised_epochs
+        if options.get("from", "head") == "h":
+            head = None
         classifier = finetune.build_classifier(encoder, splits.full.num_classes, head)
-        epochs = options.get("epochs", FLAGS.finetune_epochs)
+        epochs = options.get("epochs", epochs)
         started = time.time()
         result = finetune.train_classifier(
             classifier, train, splits.val, splits.test, epochs=epochs,
             batch_size=options.get("batch", FLAGS.finetune_batch_size),
-            learning_rate=options.get("lr", FLAGS.finetune_learning_rate),
+            learning_rate=options.get("lr", lr),
             weight_decay=options.get("wd", 1e-4),
             patience=options.get("patience", FLAGS.patience),
             crop_min_area=options.get("crop", FLAGS.finetune_crop_min_area),

@@ -81,22 +81,24 @@ class FusedBatchNormalization(layers.BatchNormalization):
 
 @keras.saving.register_keras_serializable(package="contrastive_tf")
 class SmallMapConv2D(layers.Conv2D):
-    """`Conv2D` whose kernel gradient is one matrix product over image
-    patches when the output map is small.
+    """`Conv2D` whose kernel gradient is matrix products (one per kernel
+    tap) when the output map is small.
 
-    oneDNN's bfloat16 weight-gradient kernel is slow on tiny maps: on this
-    project's 2-core AMX CPU, ResNet-18's last stage at 32 px (4x4 maps,
-    512 channels, 256 views) computed it at about 220 GFLOP/s -- 5 to 6 times
-    the forward convolution's time -- whereas `extract_patches` + `matmul`
-    does the same sum at about 660 (BENCHMARKS.md). On larger maps oneDNN is
-    faster, so the patch route is taken only when the output has at most
-    `matmul_grad_max_pixels` pixels (default 16: 4x4); otherwise, and for
-    dilation, groups, channels-first data or other backends, this is
-    Keras' `Conv2D`. Forward pass, input gradient and results are
-    unchanged (the same sums, in another order).
+    oneDNN's bfloat16 weight-gradient kernel is slow on small maps: on this
+    project's 2-core AMX CPU, ResNet-18 at 32 px (256 views) computed it at
+    160-220 GFLOP/s for the last stage's 4x4 maps (5 to 6 times the forward
+    convolution's time) and about 610 for 3x3 convolutions on 8x8 maps,
+    whereas one `matmul` per tap over shifted input slices (taken from
+    `space_to_depth` for strided convolutions) does the same sums at
+    500-1,060 there. On 16x16 and larger maps oneDNN is faster, so this
+    route is taken only when the output has at most `matmul_grad_max_pixels`
+    pixels (default 64: 8x8); otherwise, and for dilation, groups,
+    channels-first data or other backends, this is Keras' `Conv2D`.
+    Forward pass, input gradient and results are unchanged (the same sums,
+    in another order). Measurements: BENCHMARKS.md.
     """
 
-    def __init__(self, *args, matmul_grad_max_pixels: int = 16, **kwargs):
+    def __init__(self, *args, matmul_grad_max_pixels: int = 64, **kwargs):
         super().__init__(*args, **kwargs)
         self.matmul_grad_max_pixels = int(matmul_grad_max_pixels)
 
@@ -127,8 +129,8 @@ class SmallMapConv2D(layers.Conv2D):
 
 
 def _conv2d_patch_gradient(x, kernel, strides, padding):
-    """tf.nn.conv2d (NHWC) whose kernel gradient is patches^T @ dy."""
-    kh, kw, cin, cout = kernel.shape
+    """tf.nn.conv2d (NHWC) whose kernel gradient is one matrix product per
+    kernel tap (`_kernel_gradient`)."""
     step = [1, strides[0], strides[1], 1]
 
     @tf.custom_gradient
@@ -136,17 +138,46 @@ def _conv2d_patch_gradient(x, kernel, strides, padding):
         def gradient(dy):
             dx = tf.compat.v1.nn.conv2d_backprop_input(tf.shape(x), kernel, dy, step,
                                                        padding)
-            if kh == kw == 1:  # no padding either way: the strided input is the patches
-                patches = x[:, ::strides[0], ::strides[1], :]
-            else:
-                patches = tf.image.extract_patches(x, [1, kh, kw, 1], step, [1, 1, 1, 1],
-                                                   padding)
-            dkernel = tf.matmul(tf.reshape(patches, [-1, kh * kw * cin]),
-                                tf.reshape(dy, [-1, cout]), transpose_a=True)
-            return dx, tf.reshape(dkernel, kernel.shape)
+            return dx, _kernel_gradient(x, dy, kernel.shape, strides, padding)
         return tf.nn.conv2d(x, kernel, step, padding), gradient
 
     return conv(x, kernel)
+
+
+def _kernel_gradient(x, dy, kernel_shape, strides, padding):
+    """d(sum(conv2d(x, w) * dy))/dw as `kh * kw` products `x_tap^T @ dy`.
+
+    x_tap is the (padded) input seen by kernel tap (i, j) at every output
+    position. With equal strides s the taps are unstrided slices of
+    `space_to_depth(x, s)` (strided slices are slow in TensorFlow); otherwise
+    strided slices.
+    """
+    kh, kw, cin, cout = kernel_shape
+    sh, sw = strides
+    oh, ow = dy.shape[1], dy.shape[2]
+    height, width = x.shape[1], x.shape[2]
+    top = left = 0
+    if padding == "SAME":
+        top = max((oh - 1) * sh + kh - height, 0) // 2
+        left = max((ow - 1) * sw + kw - width, 0) // 2
+    # Padded extent: every tap's slice fits, and it divides by the stride.
+    ph, pw = sh * ((kh - 1) // sh + oh), sw * ((kw - 1) // sw + ow)
+    xp = tf.pad(x, [[0, 0], [top, max(ph - height - top, 0)],
+                    [left, max(pw - width - left, 0)], [0, 0]])[:, :ph, :pw, :]
+    stacked = sh == sw
+    planes = tf.nn.space_to_depth(xp, sh) if stacked and sh > 1 else xp
+    dy = tf.reshape(dy, [-1, cout])
+    taps = []
+    for i in range(kh):
+        for j in range(kw):
+            if stacked:
+                block = (i % sh) * sw + j % sw
+                tap = planes[:, i // sh:i // sh + oh, j // sw:j // sw + ow,
+                             block * cin:(block + 1) * cin]
+            else:
+                tap = xp[:, i:i + (oh - 1) * sh + 1:sh, j:j + (ow - 1) * sw + 1:sw, :]
+            taps.append(tf.matmul(tf.reshape(tap, [-1, cin]), dy, transpose_a=True))
+    return tf.reshape(tf.stack(taps), kernel_shape)
 
 
 class _Builder:

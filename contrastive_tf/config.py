@@ -89,6 +89,16 @@ class PretrainConfig:
             raise ValueError("Invalid pretraining config: " + "; ".join(problems)
                              + f". Received: {self.to_dict()}")
 
+    @property
+    def teacher_fractions(self) -> tuple[float, ...]:
+        """The fractions whose fine-tuned classifiers are distilled."""
+        return tuple(self.distill_fractions or self.fractions)
+
+    @property
+    def exported_fraction(self) -> float:
+        """The fraction whose classifier and student are exported."""
+        return self.export_fraction or max(self.teacher_fractions)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -128,7 +138,8 @@ class PipelineConfig:
     finetune_crop_min_area: float = 0.3
     probe_steps: int = 1000
     knn_k: int = 20
-    distill_fraction: float = 0.1
+    distill_fractions: tuple[float, ...] = ()  # (): every fraction
+    export_fraction: float = 0.0  # 0: the largest distilled fraction
     distill_epochs: int = 3
     distill_temperature: float = 1.0
     distill_learning_rate: float = 0.05
@@ -140,8 +151,10 @@ class PipelineConfig:
         checks = [
             (all(0 < f <= 1 for f in self.fractions), "fractions must lie in (0, 1]"),
             (0 < self.val_fraction < 0.5, "val_fraction must lie in (0, 0.5)"),
-            (self.distill_fraction in self.fractions,
-             "distill_fraction must be one of the fractions"),
+            (all(f in self.fractions for f in self.distill_fractions),
+             "distill_fractions must be among the fractions"),
+            (self.export_fraction in (0.0, *self.teacher_fractions),
+             "export_fraction must be one of the distilled fractions"),
             (self.finetune_epochs > 0 and self.supervised_epochs > 0
              and self.distill_epochs > 0, "epochs must be > 0"),
             (self.patience >= 0, "patience must be >= 0 (0: no early stopping)"),
@@ -154,6 +167,16 @@ class PipelineConfig:
         problems = [message for ok, message in checks if not ok]
         if problems:
             raise ValueError("Invalid pipeline config: " + "; ".join(problems))
+
+    @property
+    def teacher_fractions(self) -> tuple[float, ...]:
+        """The fractions whose fine-tuned classifiers are distilled."""
+        return tuple(self.distill_fractions or self.fractions)
+
+    @property
+    def exported_fraction(self) -> float:
+        """The fraction whose classifier and student are exported."""
+        return self.export_fraction or max(self.teacher_fractions)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -207,10 +207,12 @@ def run_pipeline(config: PipelineConfig) -> dict:
     # 3. Fine-tuning from the pretrained encoder (and first head layer).
     _say("3/6 fine-tuning the pretrained encoder on the labelled subsets")
     t0 = time.time()
-    teacher = train_on_subsets("simclr_finetune", pretrained_parts, config.finetune_epochs,
-                               config.finetune_learning_rate)[config.distill_fraction]
-    _save_classifier(teacher, full.class_names,
-                     os.path.join(out, f"finetune_{config.distill_fraction:g}"))
+    teachers = train_on_subsets("simclr_finetune", pretrained_parts, config.finetune_epochs,
+                                config.finetune_learning_rate)
+    exported = config.exported_fraction
+    for fraction in config.teacher_fractions:
+        _save_classifier(teachers[fraction], full.class_names,
+                         os.path.join(out, f"finetune_{fraction:g}"))
     timings["finetune_s"] = round(time.time() - t0, 1)
 
     # 4. Supervised baseline: same architecture, same labels, from scratch.
@@ -220,34 +222,21 @@ def run_pipeline(config: PipelineConfig) -> dict:
                      config.supervised_learning_rate)
     timings["supervised_s"] = round(time.time() - t0, 1)
 
-    # 5. Distillation of the teacher into a student on all training images.
-    _say(f"5/6 distilling the {config.distill_fraction:g}-label teacher into a student "
-         "on all training images (no labels)")
+    # 5. Distillation of each teacher into a student on all training images.
     t0 = time.time()
-    keras.utils.set_random_seed(config.seed)
-    if config.student_init == "pretrained":
-        # Same size as the teacher, starting from the unlabelled pretraining
-        # (not from the teacher's fine-tuned weights).
-        encoder, head = pretrained_parts()
-    else:
-        encoder, head = fresh_encoder_and_head(pre, config.student_base_width or None)
-    student = finetune.build_classifier(encoder, full.num_classes, head, name="student")
-    distiller = Distiller(teacher, student,
-                          finetune.finetune_augmenter(pre.image_size,
-                                                      config.finetune_crop_min_area,
-                                                      config.seed),
-                          temperature=config.distill_temperature)
-    unlabelled = dataclasses.replace(pool, labels=None)
-    steps = pool.num_examples // pre.batch_size
-    distiller.compile(optimizer=optim.make_optimizer(
-        "sgd", optim.WarmupCosine(config.distill_learning_rate, steps,
-                                  steps * config.distill_epochs), 1e-4))
-    distiller.fit(data.training_stream(unlabelled, pre.batch_size, seed=config.seed),
-                  steps_per_epoch=steps, epochs=config.distill_epochs, verbose=2)
-    student_accuracy = finetune.evaluate_classifier(student, test)
-    teacher_accuracy = results["simclr_finetune"][_fraction_key(config.distill_fraction)]
-    results["distilled_student"][_fraction_key(config.distill_fraction)] = student_accuracy
-    _say(f"   student test {student_accuracy:.4f} (teacher {teacher_accuracy:.4f})")
+    students = {}
+    for fraction in config.teacher_fractions:
+        _say(f"5/6 distilling the {fraction:g}-label teacher into a student on all "
+             "training images (no labels)")
+        students[fraction] = distill_student(config, pre, teachers[fraction], pool)
+        key = _fraction_key(fraction)
+        results["distilled_student"][key] = finetune.evaluate_classifier(students[fraction],
+                                                                         test)
+        _say(f"   student test {results['distilled_student'][key]:.4f} "
+             f"(teacher {results['simclr_finetune'][key]:.4f})")
+    teacher, student = teachers[exported], students[exported]
+    teacher_accuracy = results["simclr_finetune"][_fraction_key(exported)]
+    student_accuracy = results["distilled_student"][_fraction_key(exported)]
     _save_classifier(student, full.class_names, os.path.join(out, "student"))
     timings["distill_s"] = round(time.time() - t0, 1)
 
@@ -263,7 +252,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
         "classifier": export.export_classifier(
             teacher, exports_root, "simclr_classifier", class_names=full.class_names,
             version=1, overwrite=True,
-            card=dict(card, labelled_fraction=config.distill_fraction,
+            card=dict(card, labelled_fraction=exported,
                       test_accuracy=teacher_accuracy)),
         "student": export.export_classifier(
             student, exports_root, "distilled_student", class_names=full.class_names,
@@ -284,6 +273,34 @@ def run_pipeline(config: PipelineConfig) -> dict:
     _say(f"done in {report['wall_s']} s; results.json, results.md and "
          f"label_efficiency.png are in {out}")
     return report
+
+
+def distill_student(config: PipelineConfig, pre, teacher: keras.Model,
+                    pool: data.Source, epochs: int | None = None) -> keras.Model:
+    """A student distilled from `teacher` on `pool`'s images without their
+    labels (SimCLRv2): the same size as the teacher and starting from the
+    unlabelled pretraining (not from the teacher's fine-tuned weights), or
+    from scratch with `config.student_init` 'scratch'."""
+    keras.utils.set_random_seed(config.seed)
+    if config.student_init == "pretrained":
+        encoder, head = pretrained_encoder_and_head(pre)
+    else:
+        encoder, head = fresh_encoder_and_head(pre, config.student_base_width or None)
+    student = finetune.build_classifier(encoder, teacher.output.shape[-1], head,
+                                        name="student")
+    distiller = Distiller(teacher, student,
+                          finetune.finetune_augmenter(pre.image_size,
+                                                      config.finetune_crop_min_area,
+                                                      config.seed),
+                          temperature=config.distill_temperature)
+    epochs = epochs or config.distill_epochs
+    steps = max(pool.num_examples // pre.batch_size, 1)
+    distiller.compile(optimizer=optim.make_optimizer(
+        "sgd", optim.WarmupCosine(config.distill_learning_rate, steps, steps * epochs), 1e-4))
+    unlabelled = dataclasses.replace(pool, labels=None)
+    distiller.fit(data.training_stream(unlabelled, pre.batch_size, seed=config.seed),
+                  steps_per_epoch=steps, epochs=epochs, verbose=2)
+    return student
 
 
 def _pictures(out, pretrain_dir, model, pool, pool_features, test, test_features, config):

@@ -3,7 +3,7 @@
     python -m experiments.pipeline --output_dir=runs/demo --flagfile=experiments/configs/demo.flags
 
 pretrain -> linear probe / kNN -> fine-tune at 1% and 10% labels -> supervised
-baseline on the same labels -> distil the 10% teacher into a student ->
+baseline on the same labels -> distil each fine-tuned teacher into a student ->
 export -> results.json, results.md, label_efficiency.png in --output_dir.
 Every pretraining flag of experiments.pretrain applies to the pretraining stage.
 """
@@ -32,7 +32,10 @@ flags.DEFINE_integer("patience", 0, "Early-stopping patience in epochs; 0: run t
 flags.DEFINE_float("finetune_crop_min_area", 0.3, "Smallest crop area when fine-tuning.")
 flags.DEFINE_integer("probe_steps", 1000, "Full-batch steps of the linear probe.")
 flags.DEFINE_integer("probe_knn_k", 20, "Neighbours for the kNN evaluation.")
-flags.DEFINE_float("distill_fraction", 0.1, "Which fine-tuned model teaches the student.")
+flags.DEFINE_list("distill_fractions", [], "Fractions whose fine-tuned models each teach "
+                  "a student (default: every fraction).")
+flags.DEFINE_float("export_fraction", 0.0, "Fraction whose fine-tuned classifier and "
+                   "student are exported (default: the largest distilled one).")
 flags.DEFINE_integer("distill_epochs", 3, "Distillation epochs over the training images.")
 flags.DEFINE_float("distill_temperature", 1.0, "Distillation temperature.")
 flags.DEFINE_float("distill_learning_rate", 0.05, "Distillation peak learning rate.")
@@ -62,7 +65,8 @@ def main(argv):
             supervised_epochs=FLAGS.supervised_epochs,
             patience=FLAGS.patience, finetune_crop_min_area=FLAGS.finetune_crop_min_area,
             probe_steps=FLAGS.probe_steps, knn_k=FLAGS.probe_knn_k,
-            distill_fraction=FLAGS.distill_fraction, distill_epochs=FLAGS.distill_epochs,
+            distill_fractions=tuple(float(f) for f in FLAGS.distill_fractions),
+            export_fraction=FLAGS.export_fraction, distill_epochs=FLAGS.distill_epochs,
             distill_temperature=FLAGS.distill_temperature,
             distill_learning_rate=FLAGS.distill_learning_rate,
             student_base_width=FLAGS.student_base_width,

@@ -8,8 +8,10 @@ Uses the pipeline's own splits (same seed, same validation images and labelled
 subset) and the encoder it pretrained into --output_dir/pretrain. Each trial
 is `METHOD:key=value,...` with METHOD `simclr` (from the pretrained encoder)
 or `supervised` (from scratch) and keys lr, epochs, patience, wd, batch,
-min_steps, crop, from (head|h); lr and epochs default to the pipeline's flags
-for that method. Prints one `trial ...` line per trial with
+min_steps, crop, from (head|h), and distill (epochs: then distils the
+trained classifier into a student on the unlabelled training images, as the
+pipeline does, and reports the student too); lr and epochs default to the
+pipeline's flags for that method. Prints one `trial ...` line per trial with
 validation and test accuracy and appends them to
 --output_dir/tuning_<fraction>.jsonl. Choose by validation accuracy only.
 """
@@ -27,7 +29,7 @@ flags.DEFINE_float("fraction", 0.01, "Labelled fraction to tune on.")
 flags.DEFINE_multi_string("trials", [], "METHOD:key=value,... (see the module doc).")
 
 _KEYS = {"lr": float, "epochs": int, "patience": int, "wd": float, "batch": int,
-         "min_steps": int, "crop": float, "from": str}
+         "min_steps": int, "crop": float, "from": str, "distill": int}
 
 
 def parse_trial(text: str) -> tuple[str, dict]:
@@ -67,7 +69,12 @@ def main(argv):
     pre = pretrain_flags.config_from_flags(
         FLAGS.model_dir or os.path.join(FLAGS.output_dir, "pretrain"))
     config = PipelineConfig(output_dir=FLAGS.output_dir, pretrain=pre,
-                            fractions=(FLAGS.fraction,), distill_fraction=FLAGS.fraction,
+                            fractions=(FLAGS.fraction,),
+                            finetune_crop_min_area=FLAGS.finetune_crop_min_area,
+                            distill_temperature=FLAGS.distill_temperature,
+                            distill_learning_rate=FLAGS.distill_learning_rate,
+                            student_init=FLAGS.student_init,
+                            student_base_width=FLAGS.student_base_width,
                             val_fraction=FLAGS.val_fraction, seed=FLAGS.seed)
     splits = semi_supervised.labelled_splits(config)
     pre = dataclasses.replace(pre, channels=splits.full.image_shape[-1])
@@ -98,7 +105,14 @@ def main(argv):
         record = {"method": method, "options": options, "fraction": FLAGS.fraction,
                   "labels": train.num_examples, "val_accuracy": result.val_accuracy,
                   "test_accuracy": result.test_accuracy, "best_epoch": result.best_epoch,
-                  "epochs_run": result.epochs_run, "seconds": round(time.time() - started, 1)}
+                  "epochs_run": result.epochs_run}
+        if options.get("distill"):
+            student = semi_supervised.distill_student(config, pre, classifier, splits.pool,
+                                                      epochs=options["distill"])
+            record["student_val_accuracy"] = finetune.evaluate_classifier(student, splits.val)
+            record["student_test_accuracy"] = finetune.evaluate_classifier(student,
+                                                                           splits.test)
+        record["seconds"] = round(time.time() - started, 1)
         print("trial " + " ".join(f"{k}={json.dumps(v, sort_keys=True).replace(' ', '')}"
                                   for k, v in record.items()), flush=True)
         with open(log_path, "a") as f:

@@ -152,48 +152,59 @@ def test_fused_batch_norm_falls_back_for_other_ranks_and_synchronized_inputs():
     assert type(restored) is FusedBatchNormalization
 
 
-def _numpy_conv_same(x, w, stride):
-    """NHWC 'SAME' convolution and its kernel gradient for dy, by loops."""
+def _numpy_conv(x, w, strides, padding):
+    """NHWC convolution ('SAME' or 'VALID', TensorFlow's padding rule) and
+    its kernel gradient for dy, by loops over output positions."""
     n, h, wd, cin = x.shape
     kh, kw, _, cout = w.shape
-    oh, ow = -(-h // stride), -(-wd // stride)
-    pad_h = max((oh - 1) * stride + kh - h, 0)
-    pad_w = max((ow - 1) * stride + kw - wd, 0)
+    sh, sw = strides
+    if padding == "same":
+        oh, ow = -(-h // sh), -(-wd // sw)
+        pad_h = max((oh - 1) * sh + kh - h, 0)
+        pad_w = max((ow - 1) * sw + kw - wd, 0)
+    else:
+        oh, ow = (h - kh) // sh + 1, (wd - kw) // sw + 1
+        pad_h = pad_w = 0
     xp = np.pad(x, ((0, 0), (pad_h // 2, pad_h - pad_h // 2),
                     (pad_w // 2, pad_w - pad_w // 2), (0, 0)))
-    patches = np.stack([np.stack([xp[:, i * stride:i * stride + kh, j * stride:j * stride + kw]
+    patches = np.stack([np.stack([xp[:, i * sh:i * sh + kh, j * sw:j * sw + kw]
                                   for j in range(ow)], 1) for i in range(oh)], 1)
     y = np.einsum("nijabc,abcd->nijd", patches, w)
     return y, lambda dy: np.einsum("nijabc,nijd->abcd", patches, dy)
 
 
-@pytest.mark.parametrize("kernel,stride,size", [(3, 1, 4), (3, 2, 8), (1, 2, 8), (3, 2, 7),
-                                                (3, 1, 8)])
-def test_small_map_conv_matches_numpy(kernel, stride, size):
+@pytest.mark.parametrize("kernel,strides,size,padding", [
+    ((3, 3), (1, 1), (4, 4), "same"), ((3, 3), (2, 2), (8, 8), "same"),
+    ((1, 1), (2, 2), (8, 8), "same"), ((3, 3), (2, 2), (7, 7), "same"),
+    ((3, 3), (1, 1), (8, 8), "same"), ((1, 1), (1, 1), (6, 5), "same"),
+    ((3, 3), (2, 2), (16, 15), "same"), ((2, 3), (2, 1), (9, 6), "same"),
+    ((3, 3), (2, 2), (9, 9), "valid"), ((3, 2), (3, 3), (11, 10), "valid"),
+    ((3, 3), (1, 1), (9, 9), "same")])  # 81 output pixels: Keras' own path
+def test_small_map_conv_matches_numpy(kernel, strides, size, padding):
     import tensorflow as tf
     from contrastive_tf.backbones import SmallMapConv2D
 
     rng = np.random.RandomState(0)
-    x = rng.randn(3, size, size, 5).astype(np.float32)
-    layer = SmallMapConv2D(6, kernel, strides=stride, padding="same", use_bias=False)
+    x = rng.randn(3, *size, 5).astype(np.float32)
+    layer = SmallMapConv2D(6, kernel, strides=strides, padding=padding, use_bias=False)
     layer.build(x.shape)
     w = layer.kernel.numpy()
-    out = -(-size // stride)
-    assert layer._patch_gradient(tf.constant(x)) == (out * out <= 16)
-    dy = rng.randn(3, out, out, 6).astype(np.float32)
+    y_ref, kernel_grad = _numpy_conv(x, w, strides, padding)
+    oh, ow = y_ref.shape[1:3]
+    assert layer._patch_gradient(tf.constant(x)) == (oh * ow <= 64)
+    dy = rng.randn(3, oh, ow, 6).astype(np.float32)
     xin = tf.constant(x)
     with tf.GradientTape() as tape:
         tape.watch(xin)
         y = layer(xin)
         loss = tf.reduce_sum(y * dy)
     dx, dw = tape.gradient(loss, [xin, layer.kernel])
-    y_ref, kernel_grad = _numpy_conv_same(x, w, stride)
     np.testing.assert_allclose(y.numpy(), y_ref, atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(dw.numpy(), kernel_grad(dy), atol=1e-4, rtol=1e-4)
     # The input gradient is TensorFlow's own.
     with tf.GradientTape() as tape:
         tape.watch(xin)
-        plain = tf.reduce_sum(tf.nn.conv2d(xin, w, stride, "SAME") * dy)
+        plain = tf.reduce_sum(tf.nn.conv2d(xin, w, [1, *strides, 1], padding.upper()) * dy)
     np.testing.assert_allclose(dx.numpy(), tape.gradient(plain, xin).numpy(), atol=1e-4)
     restored = keras.layers.deserialize(keras.layers.serialize(layer))
-    assert type(restored) is SmallMapConv2D and restored.matmul_grad_max_pixels == 16
+    assert type(restored) is SmallMapConv2D and restored.matmul_grad_max_pixels == 64

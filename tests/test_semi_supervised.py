@@ -164,7 +164,7 @@ def test_pipeline_end_to_end_on_a_tiny_budget(tmp_path):
         assert all(0.0 <= v <= 1.0 for v in report[method].values())
     assert set(report["simclr_finetune"]) == {"0.01", "0.1"}
     assert set(report["linear_probe"]) == {"0.01", "0.1", "1.0"}
-    assert set(report["distilled_student"]) == {"0.1"}
+    assert set(report["distilled_student"]) == {"0.01", "0.1"}
     assert report["wall_s"] > 0 and report["config"]["pretrain"]["dataset"] == "embedded"
     assert os.path.getsize(out / "label_efficiency.png") > 1000
     assert (out / "results.md").read_text().startswith("# Label efficiency")
@@ -188,15 +188,36 @@ def test_pipeline_end_to_end_on_a_tiny_budget(tmp_path):
     tuned = subprocess.run(
         [sys.executable, "-m", "experiments.tune_finetune", *args, f"--output_dir={tune_dir}",
          f"--model_dir={out / 'pretrain'}", "--fraction=0.01", "--trials=supervised:",
-         "--trials=simclr:from=h"], cwd=ROOT, env=env, capture_output=True, text=True,
-        timeout=600)
+         "--trials=simclr:distill=1", "--trials=simclr:from=h"], cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=600)
     assert tuned.returncode == 0, tuned.stderr[-3000:]
     records = [json.loads(line) for line in open(tune_dir / "tuning_0.01.jsonl")]
-    assert [r["method"] for r in records] == ["supervised", "simclr"]
+    assert [r["method"] for r in records] == ["supervised", "simclr", "simclr"]
     assert records[0]["labels"] == 100
     assert records[0]["test_accuracy"] == pytest.approx(
         report["supervised_baseline"]["0.01"], abs=1e-6)
+    # ... and its default fine-tuning + distillation, the 1% teacher and student.
+    assert records[1]["test_accuracy"] == pytest.approx(
+        report["simclr_finetune"]["0.01"], abs=1e-6)
+    assert records[1]["student_test_accuracy"] == pytest.approx(
+        report["distilled_student"]["0.01"], abs=1e-6)
+    assert "student_test_accuracy" not in records[2]
     assert all(0 <= r["val_accuracy"] <= 1 for r in records)
+
+
+def test_pipeline_config_distil_and_export_fractions():
+    pre = PretrainConfig(model_dir="unused")
+    config = PipelineConfig(output_dir="unused", pretrain=pre, fractions=(0.01, 0.1))
+    assert config.teacher_fractions == (0.01, 0.1) and config.exported_fraction == 0.1
+    config = PipelineConfig(output_dir="unused", pretrain=pre, fractions=(0.01, 0.1),
+                            distill_fractions=(0.01,))
+    assert config.teacher_fractions == (0.01,) and config.exported_fraction == 0.01
+    with pytest.raises(ValueError, match="distill_fractions must be among the fractions"):
+        PipelineConfig(output_dir="unused", pretrain=pre, fractions=(0.1,),
+                       distill_fractions=(0.01,))
+    with pytest.raises(ValueError, match="export_fraction must be one of the distilled"):
+        PipelineConfig(output_dir="unused", pretrain=pre, fractions=(0.01, 0.1),
+                       distill_fractions=(0.1,), export_fraction=0.01)
 
 
 def test_tune_finetune_trial_parsing():
@@ -205,6 +226,7 @@ def test_tune_finetune_trial_parsing():
     assert parse_trial("simclr:lr=0.05,epochs=40,from=h") == (
         "simclr", {"lr": 0.05, "epochs": 40, "from": "h"})
     assert parse_trial("supervised:") == ("supervised", {})
+    assert parse_trial("simclr:distill=3") == ("simclr", {"distill": 3})
     with pytest.raises(app.UsageError, match="unknown key 'learning_rate'"):
         parse_trial("simclr:learning_rate=0.1")
     with pytest.raises(app.UsageError, match="simclr or supervised"):

@@ -89,16 +89,6 @@ class PretrainConfig:
             raise ValueError("Invalid pretraining config: " + "; ".join(problems)
                              + f". Received: {self.to_dict()}")
 
-    @property
-    def teacher_fractions(self) -> tuple[float, ...]:
-        """The fractions whose fine-tuned classifiers are distilled."""
-        return tuple(self.distill_fractions or self.fractions)
-
-    @property
-    def exported_fraction(self) -> float:
-        """The fraction whose classifier and student are exported."""
-        return self.export_fraction or max(self.teacher_fractions)
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

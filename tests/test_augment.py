@@ -151,6 +151,62 @@ def test_grayscale_matches_luma_formula():
         np.testing.assert_allclose(got[..., c], expected, rtol=1e-5)
 
 
+def test_shift_hue_matches_colorsys():
+    import colorsys
+    rng = np.random.RandomState(3)
+    images = rng.uniform(0, 1, (4, 6, 7, 3)).astype(np.float32)
+    images[0, 0, :3] = [[0.5, 0.5, 0.5], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]  # no chroma
+    images[0, 1, :3] = [[0.9, 0.9, 0.2], [0.3, 0.8, 0.8], [0.7, 0.1, 0.7]]  # tied maxima
+    images[0, 2, :2] = [[1.0, 0.0, 0.0], [0.2, 0.1, 0.1]]  # hue 0: wraps both ways
+    shifts = np.array([0.1, -0.1, 0.45, -0.5], np.float32)
+    got = augment.shift_hue(tf.constant(images), tf.constant(shifts)).numpy()
+    expected = np.empty_like(images)
+    for n, shift in enumerate(shifts):
+        for i in range(images.shape[1]):
+            for j in range(images.shape[2]):
+                h, s, v = colorsys.rgb_to_hsv(*images[n, i, j].astype(np.float64))
+                expected[n, i, j] = colorsys.hsv_to_rgb((h + shift) % 1.0, s, v)
+    np.testing.assert_allclose(got, expected, atol=2e-6)
+
+
+def _numpy_jitter(image, factors, hue_shift, order):
+    """One image's colour jitter by NumPy and colorsys, op by op."""
+    import colorsys
+    luma = np.array([0.2989, 0.5870, 0.1140])
+    x = image.astype(np.float64)
+    for op in order:
+        if op == 0:
+            x = x * factors[0]
+        elif op == 1:
+            mean = x.mean(axis=(0, 1))
+            x = (x - mean) * factors[1] + mean
+        elif op == 2:
+            gray = (x @ luma)[..., None]
+            x = gray + (x - gray) * factors[2]
+        else:
+            x = np.array([[colorsys.hsv_to_rgb((h + hue_shift) % 1.0, s, v)
+                           for h, s, v in (colorsys.rgb_to_hsv(*p) for p in row)]
+                          for row in x])
+        x = np.clip(x, 0.0, 1.0)
+    return x
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_color_jitter_matches_numpy_in_each_images_order(channels):
+    rng = np.random.RandomState(4)
+    count = 4 if channels == 3 else 2
+    images = rng.uniform(0, 1, (24, 5, 6, channels)).astype(np.float32)
+    factors = rng.uniform(0.2, 1.8, (3, 24)).astype(np.float32)
+    hue_shifts = rng.uniform(-0.2, 0.2, 24).astype(np.float32)
+    order = np.stack([rng.permutation(count) for _ in range(24)]).astype(np.int32)
+    got = augment.color_jitter(tf.constant(images), tf.constant(factors),
+                               tf.constant(hue_shifts), tf.constant(order)).numpy()
+    for n in range(24):
+        np.testing.assert_allclose(
+            got[n], _numpy_jitter(images[n], factors[:, n], hue_shifts[n], order[n]),
+            atol=2e-5, err_msg=f"image {n}, order {order[n]}")
+
+
 def _numpy_blur(image, sigma, radius):
     taps = np.arange(-radius, radius + 1, dtype=np.float64)
     kernel = np.exp(-taps ** 2 / (2 * sigma ** 2))

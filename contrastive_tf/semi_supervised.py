@@ -2,7 +2,7 @@
 
 pretrain (no labels) -> linear probe and kNN -> fine-tune on 1% / 10% of the
 labels -> the same architecture trained from scratch on the same labels ->
-distil the fine-tuned teacher into a student on all (unlabelled) training
+distil each fine-tuned teacher into a student on all (unlabelled) training
 images -> export -> results.json, results.md, label_efficiency.png.
 
 Model selection (the best epoch) for both fine-tuning and the supervised

@@ -198,6 +198,9 @@ def run_pipeline(config: PipelineConfig) -> dict:
         return classifiers
 
     def pretrained_parts():
+        # Seeded, so the new classifier layer starts the same in every run
+        # (and in tune_finetune), whatever ran before.
+        keras.utils.set_random_seed(config.seed)
         return pretrained_encoder_and_head(pre)
 
     def fresh_parts():

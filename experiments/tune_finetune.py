@@ -82,11 +82,11 @@ def main(argv):
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     log_path = os.path.join(FLAGS.output_dir, f"tuning_{FLAGS.fraction:g}.jsonl")
     for method, options in trials:
+        keras.utils.set_random_seed(FLAGS.seed)  # as the pipeline does
         if method == "simclr":
             encoder, head = semi_supervised.pretrained_encoder_and_head(pre)
             lr, epochs = FLAGS.finetune_learning_rate, FLAGS.finetune_epochs
         else:
-            keras.utils.set_random_seed(FLAGS.seed)
             encoder, head = semi_supervised.fresh_encoder_and_head(pre)
             lr, epochs = FLAGS.supervised_learning_rate, FLAGS.supervised_epochs
         if options.get("from", "head") == "h":

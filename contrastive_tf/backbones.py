@@ -102,7 +102,7 @@ class SmallMapConv2D(layers.Conv2D):
         super().__init__(*args, **kwargs)
         self.matmul_grad_max_pixels = int(matmul_grad_max_pixels)
 
-    def _patch_gradient(self, inputs) -> bool:
+    def _tap_gradient(self, inputs) -> bool:
         if (keras.backend.backend() != "tensorflow" or self.groups != 1
                 or self.data_format != "channels_last" or len(inputs.shape) != 4
                 or any(d != 1 for d in self.dilation_rate)
@@ -113,9 +113,9 @@ class SmallMapConv2D(layers.Conv2D):
                 and out[1] * out[2] <= self.matmul_grad_max_pixels)
 
     def call(self, inputs):
-        if not self._patch_gradient(inputs):
+        if not self._tap_gradient(inputs):
             return super().call(inputs)
-        outputs = _conv2d_patch_gradient(
+        outputs = _conv2d_tap_gradient(
             inputs, ops.cast(self.kernel, inputs.dtype), tuple(self.strides),
             self.padding.upper())
         if self.use_bias:
@@ -128,7 +128,7 @@ class SmallMapConv2D(layers.Conv2D):
         return config
 
 
-def _conv2d_patch_gradient(x, kernel, strides, padding):
+def _conv2d_tap_gradient(x, kernel, strides, padding):
     """tf.nn.conv2d (NHWC) whose kernel gradient is one matrix product per
     kernel tap (`_kernel_gradient`)."""
     step = [1, strides[0], strides[1], 1]

@@ -191,7 +191,7 @@ def test_small_map_conv_matches_numpy(kernel, strides, size, padding):
     w = layer.kernel.numpy()
     y_ref, kernel_grad = _numpy_conv(x, w, strides, padding)
     oh, ow = y_ref.shape[1:3]
-    assert layer._patch_gradient(tf.constant(x)) == (oh * ow <= 64)
+    assert layer._tap_gradient(tf.constant(x)) == (oh * ow <= 64)
     dy = rng.randn(3, oh, ow, 6).astype(np.float32)
     xin = tf.constant(x)
     with tf.GradientTape() as tape:

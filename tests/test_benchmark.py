@@ -18,6 +18,10 @@ def test_benchmark_smoke(tmp_path):
     assert float(values["images_per_s"]) > 0
     assert float(values["views_per_s"]) == pytest_approx(2 * float(values["images_per_s"]))
     assert 0 < float(values["mfu"]) < 1.5 and float(values["matmul_peak_gflops"]) > 1
+    # mfu divides by the higher of the two peak measurements around the steps.
+    assert 0 < float(values["matmul_peak_low_gflops"]) <= float(values["matmul_peak_gflops"])
+    assert float(values["mfu"]) == pytest_approx(
+        float(values["gflops"]) / float(values["matmul_peak_gflops"]))
     assert 0 < float(values["augment_share"])
     # The op-type profile: shares of traced time that sum to one, convolutions among them.
     profile = dict(kv.split("=") for kv in next(

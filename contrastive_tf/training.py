@@ -26,7 +26,7 @@ from contrastive_tf.model import SimCLR
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or Inf loss."""
+    """Training produced a NaN or Inf loss, or a non-finite model state."""
 
 
 class CheckpointWriteError(RuntimeError):
@@ -110,12 +110,65 @@ def build_model(config: PretrainConfig) -> SimCLR:
     return SimCLR(encoder, augmenter, head, temperature=config.temperature)
 
 
+def _float_variables(model: keras.Model) -> list:
+    """Every floating-point variable a checkpoint of `model` holds: weights,
+    batch-norm statistics and the optimizer's slots."""
+    variables = list(model.variables)
+    if model.optimizer is not None:
+        variables += list(model.optimizer.variables)
+    return [v for v in variables if v.dtype in ("float16", "bfloat16", "float32", "float64")]
+
+
+class FiniteStateCheck:
+    """Whether a model's whole state (weights, batch-norm statistics,
+    optimizer slots) is finite, as one fused reduction in a tf.function.
+
+    The loss of a step is computed before that step's update, so a finite
+    loss does not prove that the state about to be checkpointed is finite:
+    an update can turn weights or batch-norm moving variances into NaN.
+    Called only at checkpoint steps.
+    """
+
+    def __init__(self, model: keras.Model):
+        self.variables = _float_variables(model)
+        tensors = lambda: [tf.convert_to_tensor(v) for v in self.variables]  # noqa: E731
+        self._all_finite = tf.function(lambda: tf.reduce_all(tf.stack(
+            [tf.reduce_all(tf.math.is_finite(t)) for t in tensors()])))
+
+    def __call__(self) -> bool:
+        return bool(self._all_finite())
+
+    def non_finite_names(self) -> list[str]:
+        """Paths of the variables holding NaN/Inf (the slow path, for errors)."""
+        return [getattr(v, "path", v.name) for v in self.variables
+                if not np.all(np.isfinite(np.asarray(v.numpy(), np.float32)))]
+
+
+def refuse_non_finite_state(check: FiniteStateCheck, manager, step: int) -> None:
+    """Raises `NonFiniteLossError` if the state about to be saved at `step`
+    holds NaN/Inf, naming the variables and the last (finite) checkpoint."""
+    if check():
+        return
+    names = check.non_finite_names()
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    raise NonFiniteLossError(
+        f"the model state after step {step} holds NaN/Inf in {len(names)} "
+        f"variable(s) ({shown}); it was not saved and training stopped. The "
+        f"last good checkpoint is {manager.latest_checkpoint} (every saved "
+        "checkpoint was checked finite). Lower the learning rate or use "
+        "float32 / mixed_bfloat16.")
+
+
 class CheckpointAndGuard(keras.callbacks.Callback):
-    """Saves a checkpoint every `every_steps` steps; stops on a bad loss.
+    """Saves a checkpoint every `every_steps` steps; stops on a bad loss or
+    a non-finite state.
 
     A NaN/Inf loss raises `NonFiniteLossError` naming the step before any
-    checkpoint of the bad state is written, so the last good one survives.
-    Also puts the learning rate into the logs for TensorBoard.
+    checkpoint of the bad state is written; at checkpoint steps the whole
+    state (weights, batch-norm statistics, optimizer slots) is checked for
+    finiteness before it is saved, so every checkpoint on disk is finite and
+    the last good one survives. Also puts the learning rate into the logs
+    for TensorBoard.
     """
 
     def __init__(self, manager, every_steps, total_steps, schedule):
@@ -124,6 +177,14 @@ class CheckpointAndGuard(keras.callbacks.Callback):
         self.every_steps = every_steps
         self.total_steps = total_steps
         self.schedule = schedule
+        self._finite = None
+
+    def save(self, step: int) -> None:
+        """Checks the state for NaN/Inf, then writes checkpoint `step`."""
+        if self._finite is None:
+            self._finite = FiniteStateCheck(self.model)
+        refuse_non_finite_state(self._finite, self.manager, step)
+        save_checkpoint(self.manager, step)
 
     def on_train_batch_end(self, batch, logs=None):
         step = int(self.model.optimizer.iterations.numpy())
@@ -138,7 +199,7 @@ class CheckpointAndGuard(keras.callbacks.Callback):
         if logs is not None:
             logs["learning_rate"] = float(self.schedule(step - 1))
         if step % self.every_steps == 0 or step >= self.total_steps:
-            save_checkpoint(self.manager, step)
+            self.save(step)
         if step >= self.total_steps:
             self.model.stop_training = True
 
@@ -284,8 +345,9 @@ def pretrain(config: PretrainConfig, verbose: int = 1,
     chunk = config.checkpoint_steps
     log_dir = os.path.join(work_dir, "logs")
     writer = tf.summary.create_file_writer(os.path.join(log_dir, "images"))
-    callbacks = [CheckpointAndGuard(manager, chunk, total_steps, schedule),
-                 *(callbacks or [])]
+    guard = CheckpointAndGuard(manager, chunk, total_steps, schedule)
+    guard.set_model(model)
+    callbacks = [guard, *(callbacks or [])]
     knn = None
     if source.labelled and source.images is not None:
         query = data.load(config.dataset, config.eval_split, config.data_dir,
@@ -322,7 +384,7 @@ def pretrain(config: PretrainConfig, verbose: int = 1,
     step = int(model.optimizer.iterations.numpy())
     latest = manager.latest_checkpoint
     if latest is None or not latest.endswith(f"-{step}"):
-        save_checkpoint(manager, step)
+        guard.save(step)
 
     final = {name: float(np.ravel(values[-1])[0]) for name, values in history.items()}
     if knn is not None:

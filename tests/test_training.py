@@ -200,6 +200,32 @@ def test_non_finite_loss_stops_without_overwriting_the_checkpoint(tmp_path):
     assert manager.latest_checkpoint.endswith("ckpt-1")
 
 
+def _finite_checkpoint(path):
+    reader = tf.train.load_checkpoint(path)
+    for name, dtype in reader.get_variable_to_dtype_map().items():
+        if dtype.is_floating and not np.all(np.isfinite(reader.get_tensor(name))):
+            return False
+    return True
+
+
+def test_blown_up_run_keeps_only_finite_checkpoints(tmp_path):
+    # A far too high learning rate: the loss of step 2 is still finite (it is
+    # computed before step 2's update), but that update leaves NaN in
+    # batch-norm moving variances. Nothing non-finite may be checkpointed.
+    model_dir = str(tmp_path / "run")
+    result = _run([*TINY, "--optimizer=sgd", "--learning_rate=1e12",
+                   "--checkpoint_steps=1", "--train_steps=10", f"--model_dir={model_dir}"])
+    assert result.returncode != 0
+    assert "NaN/Inf" in result.stderr or "loss is nan" in result.stderr
+    saved = _checkpoints(model_dir)
+    assert saved, result.stderr[-2000:]
+    folder = os.path.join(model_dir, "checkpoints")
+    for step in saved:
+        assert _finite_checkpoint(os.path.join(folder, f"ckpt-{step}")), f"ckpt-{step}"
+    named = result.stderr.split("last good checkpoint is ")[1].split(" ")[0]
+    assert named == os.path.join(folder, f"ckpt-{max(saved)}")
+
+
 @pytest.mark.slow
 def test_multi_worker_job_killed_and_restarted_finishes(tmp_path):
     """Two MultiWorkerMirroredStrategy workers on 127.0.0.1; worker 1 is

@@ -175,10 +175,19 @@ def _draw_counter(layer: keras.layers.Layer) -> keras.Variable:
                             aggregation="only_first_replica")
 
 
-def _next_seed(seed: int | None, counter: keras.Variable) -> tf.Tensor:
+# Each layer folds its own stream tag into its seed, so the crop layer and the
+# augmenter never draw the same numbers (they share the seed and each count
+# their draws from 0).
+CROP_STREAM, VIEW_STREAM = 1, 2
+
+
+def _next_seed(seed: int | None, counter: keras.Variable, stream: int) -> tf.Tensor:
+    """The stateless seed of a layer's next draw: (seed, draw count) with the
+    layer's `stream` tag and the replica id folded in; advances the count."""
     count = tf.convert_to_tensor(counter)
     counter.assign(count + 1)
     base = tf.stack([tf.constant(seed if seed is not None else 0, tf.int64), count])
+    base = tf.random.experimental.stateless_fold_in(base, tf.constant(stream, tf.int64))
     return distribution.replica_seed(base)
 
 
@@ -188,7 +197,8 @@ class RandomResizedCrop(keras_cv.layers.VectorizedBaseImageAugmentationLayer):
 
     A KerasCV vectorised augmentation layer. Each image gets a box of area
     fraction U(`crop_area`) and log-uniform aspect ratio in `aspect_ratio`
-    (shrunk to fit inside the image when needed), placed uniformly, and
+    (redrawn, vectorised, up to `MAX_CROP_ATTEMPTS` times until it fits
+    inside the image; then a centred fallback), placed uniformly, and
     optionally mirrored with p = 0.5; all boxes are cut and resized by one
     batched `tf.image.crop_and_resize` (bilinear; a box with x1 > x2 is read
     mirrored, which is how the flip costs nothing).
@@ -200,6 +210,8 @@ class RandomResizedCrop(keras_cv.layers.VectorizedBaseImageAugmentationLayer):
         flip: mirror half of the boxes. Defaults to `True`.
         seed: int seed. Defaults to `None` (0).
     """
+
+    MAX_CROP_ATTEMPTS = 10
 
     def __init__(self, target_size, crop_area=(0.08, 1.0),
                  aspect_ratio=(3 / 4, 4 / 3), flip=True, seed=None, **kwargs):
@@ -217,19 +229,46 @@ class RandomResizedCrop(keras_cv.layers.VectorizedBaseImageAugmentationLayer):
         self.seed = seed
         self._draws = _draw_counter(self)
 
-    def get_random_transformation_batch(self, batch_size, **kwargs):
+    def get_random_transformation_batch(self, batch_size, images=None, **kwargs):
+        """Boxes `(batch, 4)` as `(y1, x1, y2, x2)` fractions; x1 > x2 mirrors.
+
+        Each image tries `MAX_CROP_ATTEMPTS` (area, aspect) draws and keeps
+        the first whose box fits inside the image, so accepted boxes follow
+        the spec's distribution restricted to boxes that fit (the
+        reference redraws the same way); if none fits, the largest centred
+        box with an allowed aspect ratio is used.
+        """
         seeds = tf.random.experimental.stateless_split(
-            _next_seed(self.seed, self._draws), num=5)
-        area = tf.random.stateless_uniform([batch_size], seeds[0],
+            _next_seed(self.seed, self._draws, CROP_STREAM), num=5)
+        # Pixel aspect ratio of the input (width / height).
+        if images is None:
+            image_aspect = tf.constant(1.0)
+        else:
+            shape = tf.cast(tf.shape(images), tf.float32)
+            image_aspect = shape[2] / shape[1]
+        attempts = [self.MAX_CROP_ATTEMPTS, batch_size]
+        area = tf.random.stateless_uniform(attempts, seeds[0],
                                            self.crop_area[0], self.crop_area[1])
-        log_ratio = tf.random.stateless_uniform(
-            [batch_size], seeds[1], math.log(self.aspect_ratio[0]),
-            math.log(self.aspect_ratio[1]))
-        ratio = tf.exp(log_ratio)
-        width = tf.minimum(tf.sqrt(area * ratio), 1.0)
-        height = tf.minimum(tf.sqrt(area / ratio), 1.0)
-        top = tf.random.stateless_uniform([batch_size], seeds[2]) * (1.0 - height)
-        left = tf.random.stateless_uniform([batch_size], seeds[3]) * (1.0 - width)
+        ratio = tf.exp(tf.random.stateless_uniform(
+            attempts, seeds[1], math.log(self.aspect_ratio[0]),
+            math.log(self.aspect_ratio[1])))
+        # Fractions of the image's width and height: width * height = area,
+        # (width * W) / (height * H) = ratio.
+        width = tf.sqrt(area * ratio / image_aspect)
+        height = tf.sqrt(area / ratio * image_aspect)
+        fits = (width <= 1.0) & (height <= 1.0)
+        first = tf.argmax(tf.cast(fits, tf.int32), axis=0, output_type=tf.int32)
+        pick = lambda values: tf.gather(tf.transpose(values), first, batch_dims=1)  # noqa: E731
+        found = tf.reduce_any(fits, axis=0)
+        # Fallback: the whole image, cut to the nearest allowed aspect ratio.
+        low, high = self.aspect_ratio
+        fallback_width = tf.minimum(1.0, high / image_aspect)
+        fallback_height = tf.minimum(1.0, image_aspect / low)
+        width = tf.where(found, pick(width), fallback_width)
+        height = tf.where(found, pick(height), fallback_height)
+        top_u = tf.where(found, tf.random.stateless_uniform([batch_size], seeds[2]), 0.5)
+        left_u = tf.where(found, tf.random.stateless_uniform([batch_size], seeds[3]), 0.5)
+        top, left = top_u * (1.0 - height), left_u * (1.0 - width)
         boxes = tf.stack([top, left, top + height, left + width], axis=1)
         if self.flip:
             mirror = tf.random.stateless_uniform([batch_size], seeds[4]) < 0.5
@@ -382,58 +421,57 @@ class SimCLRAugmenter(keras.layers.Layer):
         if not training:
             return center_crop_and_resize(images, self.image_size,
                                           self.eval_crop_fraction)
-        seeds = tf.random.experimental.stateless_split(
-            _next_seed(self.seed, self._draws), num=8)
-        batch = tf.shape(images)[0]
-
         views = tf.clip_by_value(self._crop(images), 0.0, 1.0)
+        return self._apply_decisions(
+            views, self._draw_decisions(tf.shape(images)[0], views.shape[-1]))
+
+    def _draw_decisions(self, batch, channels: int) -> dict:
+        """Every random decision of one call after the crop, per image.
+
+        Each decision has its own stream of the call's seed, so all are
+        independent of each other, of the crop's (another stream) and of the
+        other view's (another draw count).
+        """
+        seeds = tf.unstack(tf.random.experimental.stateless_split(
+            _next_seed(self.seed, self._draws, VIEW_STREAM), num=8))
+        uniform = lambda seed, low=0.0, high=1.0, shape=None: (  # noqa: E731
+            tf.random.stateless_uniform(shape or [batch], seed, low, high))
+        strength = 0.8 * self.color_strength
+        count = 4 if channels == 3 else 2
+        return {
+            "jitter": uniform(seeds[0]) < self.jitter_probability,
+            "factors": uniform(seeds[1], max(0.0, 1.0 - strength), 1.0 + strength,
+                               shape=[3, batch]),
+            "hue_shifts": uniform(seeds[2], -0.2 * self.color_strength,
+                                  0.2 * self.color_strength),
+            "order": tf.argsort(uniform(seeds[3], shape=[batch, count]), axis=-1),
+            "grayscale": uniform(seeds[4]) < self.grayscale_probability,
+            "blur": uniform(seeds[5]) < self.blur_probability,
+            "sigma": uniform(seeds[6], self.blur_sigma[0], self.blur_sigma[1]),
+            "solarize": uniform(seeds[7]) < self.solarize_probability,
+        }
+
+    def _apply_decisions(self, views, decisions: dict):
+        """Colour jitter, grayscale, blur and solarisation as `decisions` say."""
         if self.jitter_probability > 0 and self.color_strength > 0:
-            jittered = self._color_jitter(views, seeds[0], seeds[1])
-            views = self._where_per_image(
-                self._bernoulli(seeds[2], batch, self.jitter_probability),
-                jittered, views)
+            jittered = color_jitter(views, decisions["factors"],
+                                    decisions["hue_shifts"], decisions["order"])
+            views = self._where_per_image(decisions["jitter"], jittered, views)
         if self.grayscale_probability > 0 and views.shape[-1] == 3:
-            views = self._where_per_image(
-                self._bernoulli(seeds[3], batch, self.grayscale_probability),
-                grayscale(views), views)
+            views = self._where_per_image(decisions["grayscale"], grayscale(views), views)
         if self.blur and self.blur_probability > 0:
-            sigma = tf.random.stateless_uniform(
-                [batch], seeds[4], self.blur_sigma[0], self.blur_sigma[1])
             views = self._where_per_image(
-                self._bernoulli(seeds[5], batch, self.blur_probability),
-                self._gaussian_blur(views, sigma), views)
+                decisions["blur"], self._gaussian_blur(views, decisions["sigma"]), views)
         if self.solarize_probability > 0:
             views = self._where_per_image(
-                self._bernoulli(seeds[6], batch, self.solarize_probability),
-                tf.where(views < 0.5, views, 1.0 - views), views)
+                decisions["solarize"], tf.where(views < 0.5, views, 1.0 - views), views)
         return views
 
     # -- vectorised pieces -------------------------------------------------
 
     @staticmethod
-    def _bernoulli(seed, batch, probability):
-        return tf.random.stateless_uniform([batch], seed) < probability
-
-    @staticmethod
     def _where_per_image(mask, if_true, if_false):
         return tf.where(tf.reshape(mask, [-1, 1, 1, 1]), if_true, if_false)
-
-    def _color_jitter(self, images, factor_seed, order_seed):
-        """SimCLR's colour jitter with this layer's strength and draws."""
-        batch = tf.shape(images)[0]
-        strength = 0.8 * self.color_strength
-        low, high = max(0.0, 1.0 - strength), 1.0 + strength
-        count = 4 if images.shape[-1] == 3 else 2
-        factor_seed, hue_seed = tf.unstack(
-            tf.random.experimental.stateless_split(factor_seed, num=2))
-        factors = tf.random.stateless_uniform([3, batch], factor_seed,
-                                              low, high)
-        hue_shifts = tf.random.stateless_uniform(
-            [batch], hue_seed, -0.2 * self.color_strength,
-            0.2 * self.color_strength)
-        order = tf.argsort(
-            tf.random.stateless_uniform([batch, count], order_seed), axis=-1)
-        return color_jitter(images, factors, hue_shifts, order)
 
     def _gaussian_blur(self, images, sigma):
         """Separable Gaussian blur with a different sigma per image."""

@@ -76,25 +76,172 @@ def test_inside_tf_function_each_call_draws_new_randomness():
     assert float(tf.reduce_max(tf.abs(first - second))) > 1e-3
 
 
+def _box_shapes(views):
+    """Width, height (fractions of the image) of each crop, read from the
+    coordinate channels of views of `_coordinate_images`."""
+    width = views[:, 0, -1, 0] - views[:, 0, 0, 0]
+    height = views[:, -1, 0, 1] - views[:, 0, 0, 1]
+    return width, height
+
+
 def test_crop_areas_within_range():
     # With flip and colour off, the output's coordinate channels reveal the
     # crop box of each image.
     views = _no_colour(flip=False, crop_area=(0.08, 1.0), seed=2)(
         _coordinate_images(DRAWS)).numpy()
-    width = views[:, 0, -1, 0] - views[:, 0, 0, 0]
-    height = views[:, -1, 0, 1] - views[:, 0, 0, 1]
+    width, height = _box_shapes(views)
+    # Pixel centres: a box of fraction w spans (w * SIZE - 1) / (SIZE - 1).
+    width, height = (width * (SIZE - 1) + 1) / SIZE, (height * (SIZE - 1) + 1) / SIZE
     area = width * height
-    assert np.all(width > 0) and np.all(height > 0)
-    # Crop boxes are clipped to the image, so areas may fall below the
-    # sampled value but never exceed the image.
-    assert area.max() <= 1.0 + 1e-4
-    assert area.min() >= 0.08 * 0.7  # clipping against the border only shrinks a little
-    assert 0.35 < area.mean() < 0.65  # U(0.08, 1) has mean 0.54
-    assert np.any(area < 0.2) and np.any(area > 0.9)
+    assert area.min() >= 0.08 - 1e-3 and area.max() <= 1.0 + 1e-3
     aspect = width / height
     assert aspect.min() >= 0.75 - 1e-3 and aspect.max() <= 4 / 3 + 1e-3
-    # Area and aspect ratio are independent draws.
-    assert abs(np.corrcoef(area, aspect)[0, 1]) < 0.1
+
+
+def _reference_crops(count, rng, area_range=(0.08, 1.0), ratio_range=(3 / 4, 4 / 3),
+                     image_aspect=1.0, attempts=10):
+    """NumPy rejection sampler: redraw (area, log-uniform aspect) until the
+    box fits, as the reference does; returns accepted (area, aspect)."""
+    areas, ratios = [], []
+    for _ in range(count):
+        for _ in range(attempts):
+            area = rng.uniform(*area_range)
+            ratio = np.exp(rng.uniform(np.log(ratio_range[0]), np.log(ratio_range[1])))
+            w, h = np.sqrt(area * ratio / image_aspect), np.sqrt(area / ratio * image_aspect)
+            if w <= 1 and h <= 1:
+                areas.append(area)
+                ratios.append(ratio)
+                break
+    return np.array(areas), np.array(ratios)
+
+
+def _ks_distance(a, b):
+    grid = np.sort(np.concatenate([a, b]))
+    cdf = lambda x: np.searchsorted(np.sort(x), grid, side="right") / len(x)  # noqa: E731
+    return float(np.max(np.abs(cdf(a) - cdf(b))))
+
+
+@pytest.mark.parametrize("height,width", [(32, 32), (24, 48)])
+def test_crop_area_and_aspect_follow_the_spec_with_redraws(height, width):
+    # Boxes that do not fit are redrawn, not clipped: no crop is full-width or
+    # full-height unless its draw fitted, and area / aspect follow the spec's
+    # distribution restricted to fitting boxes (NumPy rejection sampler).
+    crop = augment.RandomResizedCrop(16, flip=False, seed=3)
+    boxes = crop.get_random_transformation_batch(
+        4000, images=tf.zeros((1, height, width, 1))).numpy()
+    w, h = boxes[:, 3] - boxes[:, 1], boxes[:, 2] - boxes[:, 0]
+    image_aspect = width / height
+    area, aspect = w * h, (w * width) / (h * height)
+    assert np.all(boxes >= -1e-6) and np.all(boxes <= 1 + 1e-6)
+    ref_area, ref_aspect = _reference_crops(4000, np.random.RandomState(0),
+                                            image_aspect=image_aspect)
+    # KS two-sample critical distance at alpha 0.001 for n = m = 4000: 0.044.
+    assert _ks_distance(area, ref_area) < 0.044
+    assert _ks_distance(aspect, ref_aspect) < 0.044
+    # Clipping made ~14% of boxes span the whole width or height; redrawing
+    # leaves only those whose draw fitted at (almost) full size.
+    full = np.mean((w > 0.999) | (h > 0.999))
+    assert full < 0.01
+    assert np.all(aspect >= 0.75 - 1e-4) and np.all(aspect <= 4 / 3 + 1e-4)
+
+
+def test_crop_falls_back_to_the_centre_when_nothing_fits():
+    # A 1:4 image with aspect ratios 3/4-4/3 and area 1: no draw fits, so the
+    # box is the centred full-width box of the nearest allowed ratio.
+    crop = augment.RandomResizedCrop(8, crop_area=(1.0, 1.0), flip=False, seed=0)
+    boxes = crop.get_random_transformation_batch(
+        16, images=tf.zeros((1, 40, 10, 1))).numpy()
+    expected_height = (10 / 40) / 0.75  # width 1, pixel aspect 3/4
+    np.testing.assert_allclose(boxes[:, 1], 0.0, atol=1e-6)
+    np.testing.assert_allclose(boxes[:, 3], 1.0, atol=1e-6)
+    np.testing.assert_allclose(boxes[:, 2] - boxes[:, 0], expected_height, rtol=1e-5)
+    np.testing.assert_allclose(boxes[:, 0], (1 - expected_height) / 2, rtol=1e-5)
+
+
+def _view_decisions(augmenter, images):
+    """The recorded random decisions of one augmenter call, drawn exactly as
+    `SimCLRAugmenter.call` draws them (crop layer, then the view's own)."""
+    batch = images.shape[0]
+    boxes = augmenter._crop.get_random_transformation_batch(batch, images=images).numpy()
+    decisions = {k: v.numpy() for k, v in augmenter._draw_decisions(batch, 3).items()}
+    y1, x1, y2, x2 = boxes.T
+    width, height = np.abs(x2 - x1), y2 - y1
+    left = np.minimum(x1, x2)
+    recorded = {
+        "crop_top": y1 / np.maximum(1 - height, 1e-6),
+        "crop_left": left / np.maximum(1 - width, 1e-6),
+        "crop_area": width * height,
+        "crop_aspect": np.log(width / height),
+        "flip": (x1 > x2).astype(float),
+        "jitter": decisions["jitter"].astype(float),
+        "brightness": decisions["factors"][0],
+        "contrast": decisions["factors"][1],
+        "saturation": decisions["factors"][2],
+        "hue": decisions["hue_shifts"],
+        "grayscale": decisions["grayscale"].astype(float),
+        "blur": decisions["blur"].astype(float),
+        "sigma": decisions["sigma"],
+        "solarize": decisions["solarize"].astype(float),
+    }
+    for op in range(3):  # where each op stands in the random order
+        recorded[f"order_of_op{op}"] = np.argmax(decisions["order"] == op, axis=1).astype(float)
+    return recorded
+
+
+def _correlation(a, b):
+    """Pearson correlation (the phi coefficient for two on/off decisions)."""
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+# Pairs that are dependent by design: the crop's area and aspect ratio through
+# the fit constraint (as in the reference), and positions in one permutation.
+_DEPENDENT = {frozenset(("crop_area", "crop_aspect"))} | {
+    frozenset((f"order_of_op{a}", f"order_of_op{b}")) for a in range(3) for b in range(3)}
+
+
+def test_every_random_decision_of_a_view_is_independent():
+    # Regression: the crop layer and the augmenter drew from the same seed
+    # and counter, so jitter on/off reused the crop's vertical offset,
+    # grayscale its horizontal offset and blur sigma its flip number.
+    # The correlation of independent samples has sd 1/sqrt(n) = 0.016 here;
+    # the coinciding draws gave |r| of 0.4 and more.
+    count, limit = 4000, 0.08
+    images = tf.zeros((count, SIZE, SIZE, 3))
+    augmenter = SimCLRAugmenter(SIZE, blur=True, solarize_probability=0.3,
+                                color_strength=1.0, seed=7)
+    view1 = _view_decisions(augmenter, images)  # a SimCLR step: two calls
+    view2 = _view_decisions(augmenter, images)
+    worst = []
+    for i, a in enumerate(view1):
+        for b in list(view1)[i + 1:]:
+            if frozenset((a, b)) not in _DEPENDENT:
+                worst.append((abs(_correlation(view1[a], view1[b])), a, b, "same view"))
+        for b in view2:
+            worst.append((abs(_correlation(view1[a], view2[b])), a, b, "other view"))
+    worst.sort(reverse=True)
+    assert worst[0][0] < limit, worst[:5]
+
+
+def test_recorded_decisions_are_the_ones_a_call_uses():
+    images = tf.constant(_colourful(64))
+    kwargs = dict(blur=True, solarize_probability=0.3, color_strength=1.0, seed=9)
+    recorder, augmenter = SimCLRAugmenter(SIZE, **kwargs), SimCLRAugmenter(SIZE, **kwargs)
+    boxes = recorder._crop.get_random_transformation_batch(64, images=images)
+    decisions = recorder._draw_decisions(64, 3)
+    crops = tf.clip_by_value(recorder._crop.augment_images(images, boxes), 0.0, 1.0)
+    expected = recorder._apply_decisions(crops, decisions)
+    np.testing.assert_allclose(augmenter(images).numpy(), expected.numpy(), atol=1e-6)
+
+
+def test_replicas_draw_independent_decisions(mirrored):
+    with mirrored.scope():
+        augmenter = SimCLRAugmenter(SIZE, blur=True, seed=1)
+    draw = tf.function(lambda: augmenter._draw_decisions(2000, 3))
+    per_replica = mirrored.experimental_local_results(mirrored.run(draw))
+    for name in ("jitter", "grayscale", "blur", "sigma", "hue_shifts"):
+        first, second = (np.ravel(d[name].numpy()).astype(float) for d in per_replica)
+        assert abs(_correlation(first, second)) < 0.1, name
+        assert np.mean(first != second) > 0.1, name
 
 
 def test_full_crop_without_flip_is_identity():

@@ -448,6 +448,26 @@ def write_indices(path: str, indices, **metadata) -> None:
 
 # -- pipelines -------------------------------------------------------------------
 
+def square_resize(image: tf.Tensor, size: int) -> tf.Tensor:
+    """A uint8 image of any size as `(size, size, channels)` uint8: the
+    central square, resized (bicubic, antialiased) -- what `load_folder` does
+    with Pillow, here inside tf.data for streaming sources."""
+    shape = tf.shape(image)
+    side = tf.minimum(shape[0], shape[1])
+    square = tf.image.crop_to_bounding_box(image, (shape[0] - side) // 2,
+                                           (shape[1] - side) // 2, side, side)
+    resized = tf.image.resize(square, [size, size], method="bicubic", antialias=True)
+    return tf.cast(tf.round(tf.clip_by_value(resized, 0, 255)), tf.uint8)
+
+
+def _resized_stream(dataset: tf.data.Dataset, image_size: int | None) -> tf.data.Dataset:
+    """`(image, label)` elements with images brought to one square size."""
+    if image_size is None:
+        return dataset
+    return dataset.map(lambda x, y: (square_resize(x, image_size), y),
+                       num_parallel_calls=tf.data.AUTOTUNE)
+
+
 def pipeline(source: Source, batch_size: int, *, training: bool,
              with_labels: bool | None = None, seed: int = 0,
              image_size: int | None = None, repeat: bool = False,
@@ -456,8 +476,8 @@ def pipeline(source: Source, batch_size: int, *, training: bool,
 
     Training pipelines shuffle with `seed` (reshuffled each epoch) and drop
     the last partial batch; `batch_size` is the global batch (Keras splits it
-    across replicas). Streaming sources are resized to `image_size` when
-    given.
+    across replicas). Streaming sources are brought to `image_size` when
+    given (`square_resize`).
     """
     if batch_size < 1:
         raise DataError(f"batch_size must be >= 1, got {batch_size}")
@@ -475,13 +495,7 @@ def pipeline(source: Source, batch_size: int, *, training: bool,
         dataset = tf.data.Dataset.from_tensor_slices(tensors)
         buffer = source.num_examples
     else:
-        dataset = source.dataset
-        if image_size is not None:
-            size = [image_size, image_size]
-            dataset = dataset.map(
-                lambda x, y: (tf.cast(tf.clip_by_value(tf.image.resize(
-                    x, size), 0, 255), tf.uint8), y),
-                num_parallel_calls=tf.data.AUTOTUNE)
+        dataset = _resized_stream(source.dataset, image_size)
         if not with_labels:
             dataset = dataset.map(lambda x, y: x)
         dataset = dataset.cache() if source.num_examples <= 60000 else dataset
@@ -500,14 +514,17 @@ def pipeline(source: Source, batch_size: int, *, training: bool,
 
 
 def training_stream(source: Source, batch_size: int, *, seed: int = 0,
-                    start_step: int = 0, with_labels: bool = False) -> tf.data.Dataset:
+                    start_step: int = 0, with_labels: bool = False,
+                    image_size: int | None = None) -> tf.data.Dataset:
     """An endless stream of training batches that can resume mid-epoch.
 
     For in-memory sources each data epoch is a permutation drawn from
     `(seed, epoch)`, so the batch at any global step is fixed: a run resumed
     at `start_step` sees exactly the batches an uninterrupted run would.
-    Streaming sources are shuffled with `seed` and skip the batches already
-    seen in the current epoch (exact only up to tf.data's shuffle buffer).
+    Streaming sources are shuffled with `seed`, skip the batches already
+    seen in the current epoch (exact only up to tf.data's shuffle buffer),
+    and are brought to `image_size` (`square_resize`) when given, since their
+    images may differ in size.
     """
     if source.num_examples < batch_size:
         raise DataError(
@@ -520,7 +537,8 @@ def training_stream(source: Source, batch_size: int, *, seed: int = 0,
     options.experimental_distribute.auto_shard_policy = (
         tf.data.experimental.AutoShardPolicy.DATA)
     if source.images is None:
-        dataset = source.dataset if with_labels else source.dataset.map(lambda x, y: x)
+        dataset = _resized_stream(source.dataset, image_size)
+        dataset = dataset if with_labels else dataset.map(lambda x, y: x)
         dataset = (dataset.shuffle(min(source.num_examples, 10000), seed=seed)
                    .repeat().batch(batch_size, drop_remainder=True)
                    .skip(start_step % steps_per_epoch))

@@ -372,7 +372,7 @@ def pretrain(config: PretrainConfig, verbose: int = 1,
     fit_start = time.time()
     if start_step < total_steps:
         stream = data.training_stream(source, config.batch_size, seed=config.seed,
-                                      start_step=start_step)
+                                      start_step=start_step, image_size=config.image_size)
         result = model.fit(stream, initial_epoch=start_step // chunk,
                            epochs=math.ceil(total_steps / chunk),
                            steps_per_epoch=chunk, callbacks=callbacks, shuffle=False,

@@ -8,8 +8,7 @@ import os
 
 from contrastive_tf.backbones import SUPPORTED_DEPTHS
 from contrastive_tf.optim import OPTIMIZERS, SCALINGS
-
-PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+from contrastive_tf.precision import PRECISIONS
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 
 # Fields that fix the shapes of the weights: a checkpoint written under other
@@ -49,7 +48,7 @@ class PretrainConfig:
     warmup_epochs: float = 10.0
     weight_decay: float = 1e-6
     momentum: float = 0.9
-    precision: str = "float32"
+    precision: str = "auto"  # see contrastive_tf.precision.choose
     strategy: str = "default"
     checkpoint_steps: int = 500
     keep_checkpoints: int = 3

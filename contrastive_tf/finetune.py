@@ -15,7 +15,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from contrastive_tf import data, optim
+from contrastive_tf import data, optim, precision
 from contrastive_tf.augment import SimCLRAugmenter
 
 
@@ -61,7 +61,8 @@ def train_classifier(classifier: keras.Model, train: data.Source,
                      learning_rate: float = 0.1, weight_decay: float = 1e-4,
                      optimizer: str = "sgd", patience: int = 0,
                      crop_min_area: float = 0.08, min_steps: int = 0,
-                     seed: int = 0, verbose: int = 0) -> FinetuneResult:
+                     seed: int = 0, verbose: int = 0, policy: str | None = None,
+                     callbacks: list | None = None) -> FinetuneResult:
     """Trains `classifier` on labelled `train`, keeps the weights of the best
     validation epoch, and reports test accuracy.
 
@@ -73,16 +74,23 @@ def train_classifier(classifier: keras.Model, train: data.Source,
     the cosine schedule short, before its low-learning-rate end, where
     accuracy usually rises most. Either way the weights of the best
     validation epoch are kept.
+
+    `policy` is the compute precision (default: the classifier's own,
+    `precision.precision_of`); under mixed_float16 the optimizer scales the
+    loss. `callbacks` are passed to `fit`.
     """
     if patience < 0:
         raise ValueError(f"Expected patience >= 0. Received: patience={patience}")
     keras.utils.set_random_seed(seed)
     image_size = int(classifier.input.shape[1])
-    trainer = _trainer(classifier, finetune_augmenter(image_size, crop_min_area, seed))
+    policy = policy or precision.precision_of(classifier)
+    with precision.policy_scope(policy):
+        trainer = _trainer(classifier, finetune_augmenter(image_size, crop_min_area, seed))
     batch_size = min(batch_size, train.num_examples)
     steps = max(train.num_examples // batch_size, min_steps, 1)
     schedule = optim.WarmupCosine(learning_rate, steps, steps * epochs)
-    trainer.compile(optimizer=optim.make_optimizer(optimizer, schedule, weight_decay),
+    trainer.compile(optimizer=precision.loss_scaled(
+                        optim.make_optimizer(optimizer, schedule, weight_decay), policy),
                     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                     metrics=["accuracy"])
     stream = data.training_stream(train, batch_size, seed=seed, with_labels=True)
@@ -93,7 +101,7 @@ def train_classifier(classifier: keras.Model, train: data.Source,
                                             patience=patience or epochs,
                                             restore_best_weights=True)
     history = trainer.fit(stream, steps_per_epoch=steps, epochs=epochs,
-                          validation_data=val_data, callbacks=[stopper],
+                          validation_data=val_data, callbacks=[stopper, *(callbacks or [])],
                           verbose=verbose)
     val_accuracy = history.history["val_accuracy"]
     test_accuracy = trainer.evaluate(data.pipeline(test, 512, training=False),

@@ -21,7 +21,7 @@ import time
 import keras
 import numpy as np
 
-from contrastive_tf import data, evaluation, export, finetune, optim, training
+from contrastive_tf import data, evaluation, export, finetune, optim, precision, training
 from contrastive_tf.backbones import resnet
 from contrastive_tf.config import PipelineConfig, write_json
 from contrastive_tf.distill import Distiller
@@ -42,9 +42,7 @@ def _fraction_key(fraction: float) -> str:
 def fresh_encoder_and_head(config, base_width=None):
     """A newly initialised encoder (and head) in the pretraining's precision,
     like the pretrained one it is compared with."""
-    previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(config.precision)
-    try:
+    with precision.policy_scope(config.precision):
         encoder = resnet(config.depth, config.width_multiplier, sk_ratio=config.sk_ratio,
                          base_width=base_width or config.base_width,
                          input_shape=(config.image_size, config.image_size, config.channels))
@@ -53,8 +51,6 @@ def fresh_encoder_and_head(config, base_width=None):
             head = ProjectionHead(config.projection_layers, config.projection_dim,
                                   ft_layer=config.ft_layer)
             head.build(encoder.output.shape)
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
     return encoder, head
 
 
@@ -120,7 +116,9 @@ def run_pipeline(config: PipelineConfig) -> dict:
     os.makedirs(out, exist_ok=True)
     write_json(os.path.join(out, "pipeline_config.json"), config.to_dict())
     timings = {}
-    pre = config.pretrain
+    # One precision for every stage: "auto" is resolved here, once.
+    pre = dataclasses.replace(config.pretrain,
+                              precision=precision.resolve(config.pretrain.precision).policy)
 
     # 1. Pretraining, without labels.
     _say(f"1/6 pretraining SimCLR on {pre.dataset} ({pre.epochs} epochs)")
@@ -178,7 +176,8 @@ def run_pipeline(config: PipelineConfig) -> dict:
 
     finetune_args = dict(batch_size=config.finetune_batch_size,
                          patience=config.patience, crop_min_area=config.finetune_crop_min_area,
-                         min_steps=config.finetune_min_steps, seed=config.seed)
+                         min_steps=config.finetune_min_steps, seed=config.seed,
+                         policy=pre.precision)
 
     def train_on_subsets(method, make_parts, epochs, learning_rate):
         """Trains one classifier per labelled fraction; returns them by fraction."""
@@ -279,11 +278,14 @@ def run_pipeline(config: PipelineConfig) -> dict:
 
 
 def distill_student(config: PipelineConfig, pre, teacher: keras.Model,
-                    pool: data.Source, epochs: int | None = None) -> keras.Model:
+                    pool: data.Source, epochs: int | None = None,
+                    callbacks: list | None = None) -> keras.Model:
     """A student distilled from `teacher` on `pool`'s images without their
     labels (SimCLRv2): the same size as the teacher and starting from the
     unlabelled pretraining (not from the teacher's fine-tuned weights), or
-    from scratch with `config.student_init` 'scratch'."""
+    from scratch with `config.student_init` 'scratch'. Runs in
+    `pre.precision` (a concrete policy), with loss scaling under
+    mixed_float16."""
     keras.utils.set_random_seed(config.seed)
     if config.student_init == "pretrained":
         encoder, head = pretrained_encoder_and_head(pre)
@@ -291,18 +293,20 @@ def distill_student(config: PipelineConfig, pre, teacher: keras.Model,
         encoder, head = fresh_encoder_and_head(pre, config.student_base_width or None)
     student = finetune.build_classifier(encoder, teacher.output.shape[-1], head,
                                         name="student")
-    distiller = Distiller(teacher, student,
-                          finetune.finetune_augmenter(pre.image_size,
-                                                      config.finetune_crop_min_area,
-                                                      config.seed),
-                          temperature=config.distill_temperature)
+    with precision.policy_scope(pre.precision):
+        distiller = Distiller(teacher, student,
+                              finetune.finetune_augmenter(pre.image_size,
+                                                          config.finetune_crop_min_area,
+                                                          config.seed),
+                              temperature=config.distill_temperature)
     epochs = epochs or config.distill_epochs
     steps = max(pool.num_examples // pre.batch_size, 1)
-    distiller.compile(optimizer=optim.make_optimizer(
-        "sgd", optim.WarmupCosine(config.distill_learning_rate, steps, steps * epochs), 1e-4))
+    distiller.compile(optimizer=precision.loss_scaled(optim.make_optimizer(
+        "sgd", optim.WarmupCosine(config.distill_learning_rate, steps, steps * epochs), 1e-4),
+        pre.precision))
     unlabelled = dataclasses.replace(pool, labels=None)
     distiller.fit(data.training_stream(unlabelled, pre.batch_size, seed=config.seed),
-                  steps_per_epoch=steps, epochs=epochs, verbose=2)
+                  steps_per_epoch=steps, epochs=epochs, verbose=2, callbacks=callbacks)
     return student
 
 

@@ -17,7 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from contrastive_tf import data, evaluation, optim
+from contrastive_tf import data, evaluation, optim, precision
 from contrastive_tf.augment import SimCLRAugmenter
 from contrastive_tf.backbones import resnet
 from contrastive_tf.config import PretrainConfig, read_json, write_json
@@ -269,7 +269,11 @@ def pretrain(config: PretrainConfig, verbose: int = 1,
     `checkpoint_steps` steps and at the end, via tf.train.CheckpointManager),
     logs/ (TensorBoard), simclr.keras and encoder.keras (the final models)
     and summary.json. Rerunning the same call resumes from the latest
-    checkpoint and stops at the same total step count.
+    checkpoint and stops at the same total step count. `config.precision`
+    "auto" becomes the policy this machine runs fastest
+    (`precision.choose`); the choice and its reason are printed and recorded
+    in config.json and summary.json. Keras' global dtype policy is restored
+    on return.
 
     Args:
         config: the run's settings.
@@ -279,6 +283,14 @@ def pretrain(config: PretrainConfig, verbose: int = 1,
     Returns:
         The summary dict also written to summary.json.
     """
+    choice = precision.resolve(config.precision)
+    resolved = dataclasses.replace(config, precision=choice.policy)
+    with precision.policy_scope(choice.policy):
+        return _pretrain(resolved, choice, config.precision, verbose, callbacks)
+
+
+def _pretrain(config: PretrainConfig, choice: precision.Choice, requested: str,
+              verbose: int, callbacks: list | None) -> dict:
     started = time.time()
     source = data.load(config.dataset, config.train_split, config.data_dir,
                        image_size=config.image_size, channels=config.channels,
@@ -301,13 +313,14 @@ def pretrain(config: PretrainConfig, verbose: int = 1,
     resume_from = tf.train.latest_checkpoint(shared_checkpoint_dir)
     config_path = os.path.join(config.model_dir, "config.json")
     _check_resumable(config, config_path, resume_from is not None)
+    precision_record = {"precision_requested": requested,
+                        "precision_reason": choice.reason}
     if chief:
-        write_json(config_path, config.to_dict())
+        write_json(config_path, dict(config.to_dict(), **precision_record))
 
     keras.utils.set_random_seed(config.seed)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
-    keras.mixed_precision.set_global_policy(config.precision)
 
     steps_per_epoch = source.num_examples // config.batch_size
     if steps_per_epoch == 0:
@@ -322,8 +335,9 @@ def pretrain(config: PretrainConfig, verbose: int = 1,
 
     with strategy.scope():
         model = build_model(config)
-        optimizer = optim.make_optimizer(config.optimizer, schedule,
-                                         config.weight_decay, config.momentum)
+        optimizer = precision.loss_scaled(optim.make_optimizer(
+            config.optimizer, schedule, config.weight_decay, config.momentum),
+            config.precision)
         model.compile(optimizer=optimizer)
         model.optimizer.build(model.trainable_variables)
     checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
@@ -340,7 +354,8 @@ def pretrain(config: PretrainConfig, verbose: int = 1,
                 else "starting from scratch")
         print(f"[pretrain] {source.spec}: {source.num_examples} images, "
               f"{steps_per_epoch} steps/epoch, {total_steps} steps in all, "
-              f"{replicas} replica(s), {config.precision}; {what}", flush=True)
+              f"{replicas} replica(s), {config.precision} ({choice.reason}); {what}",
+              flush=True)
 
     chunk = config.checkpoint_steps
     log_dir = os.path.join(work_dir, "logs")
@@ -403,6 +418,8 @@ def pretrain(config: PretrainConfig, verbose: int = 1,
         "wall_s": round(time.time() - started, 2),
         "metrics": final,
         "model_dir": config.model_dir,
+        "precision": config.precision,
+        **precision_record,
     }
     if chief:
         _atomic_save(model, os.path.join(config.model_dir, "simclr.keras"))
@@ -418,5 +435,4 @@ def pretrain(config: PretrainConfig, verbose: int = 1,
               f"{rate if rate is not None else '-'} images/s, "
               f"{summary['wall_s']} s; {shown}; outputs in {config.model_dir}",
               flush=True)
-    keras.mixed_precision.set_global_policy("float32")
     return summary

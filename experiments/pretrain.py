@@ -45,7 +45,10 @@ flags.DEFINE_enum("lr_scaling", "none", list(SCALINGS),
 flags.DEFINE_float("warmup_epochs", 10, "Linear warmup epochs before cosine decay.")
 flags.DEFINE_float("weight_decay", 1e-6, "Weight decay.")
 flags.DEFINE_float("momentum", 0.9, "Momentum (LARS, SGD).")
-flags.DEFINE_enum("precision", "float32", list(PRECISIONS), "Compute precision.")
+flags.DEFINE_enum("precision", "auto", list(PRECISIONS),
+                  "Compute precision. auto: mixed_bfloat16 where bf16 runs natively "
+                  "(CPU with amx_bf16 / avx512_bf16, GPU of compute capability >= 8.0), "
+                  "mixed_float16 on older GPUs, float32 otherwise.")
 flags.DEFINE_enum("strategy", "default", list(STRATEGIES), "tf.distribute strategy.")
 flags.DEFINE_integer("checkpoint_steps", 500, "Steps between checkpoints.")
 flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept.")

@@ -62,7 +62,7 @@ def main(argv):
 
     import dataclasses
     import keras
-    from contrastive_tf import finetune, semi_supervised
+    from contrastive_tf import finetune, precision, semi_supervised
     from contrastive_tf.config import PipelineConfig
     from experiments import pretrain as pretrain_flags
 
@@ -77,7 +77,8 @@ def main(argv):
                             student_base_width=FLAGS.student_base_width,
                             val_fraction=FLAGS.val_fraction, seed=FLAGS.seed)
     splits = semi_supervised.labelled_splits(config)
-    pre = dataclasses.replace(pre, channels=splits.full.image_shape[-1])
+    pre = dataclasses.replace(pre, channels=splits.full.image_shape[-1],
+                              precision=precision.resolve(pre.precision).policy)
     train = splits.subsets[FLAGS.fraction]
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     log_path = os.path.join(FLAGS.output_dir, f"tuning_{FLAGS.fraction:g}.jsonl")
@@ -101,7 +102,8 @@ def main(argv):
             weight_decay=options.get("wd", 1e-4),
             patience=options.get("patience", FLAGS.patience),
             crop_min_area=options.get("crop", FLAGS.finetune_crop_min_area),
-            min_steps=options.get("min_steps", FLAGS.finetune_min_steps), seed=FLAGS.seed)
+            min_steps=options.get("min_steps", FLAGS.finetune_min_steps), seed=FLAGS.seed,
+            policy=pre.precision)
         record = {"method": method, "options": options, "fraction": FLAGS.fraction,
                   "labels": train.num_examples, "val_accuracy": result.val_accuracy,
                   "test_accuracy": result.test_accuracy, "best_epoch": result.best_epoch,

@@ -102,6 +102,48 @@ def test_fresh_models_use_the_pretraining_precision():
     assert keras.mixed_precision.global_policy().name == "float32"
 
 
+class _RecordTraining(keras.callbacks.Callback):
+    """Records the optimizer a fit used and its per-epoch losses."""
+
+    def on_train_begin(self, logs=None):
+        self.optimizer, self.losses = self.model.optimizer, []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.losses.append(float(logs["loss"]))
+
+
+def test_finetuning_and_distillation_under_mixed_float16():
+    # Regression: both were built after pretraining reset the global policy
+    # to float32, so their optimizer was not loss-scaled while the encoder
+    # computed in float16.
+    train, val, test = _separable(48), _separable(30, 1), _separable(30, 2)
+    keras.utils.set_random_seed(0)
+    pre = PretrainConfig(dataset="embedded", image_size=16, channels=1, base_width=4,
+                         projection_layers=2, ft_layer=0, batch_size=16,
+                         precision="mixed_float16", model_dir="unused")
+    encoder, _ = semi_supervised.fresh_encoder_and_head(pre)
+    teacher = finetune.build_classifier(encoder, 3)
+    record = _RecordTraining()
+    result = finetune.train_classifier(teacher, train, val, test, epochs=8, batch_size=16,
+                                       learning_rate=0.05, callbacks=[record])
+    assert isinstance(record.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert np.all(np.isfinite(record.losses)) and record.losses[-1] < record.losses[0]
+    assert result.test_accuracy > 0.8
+    assert keras.mixed_precision.global_policy().name == "float32"
+
+    config = PipelineConfig(output_dir="unused", pretrain=pre, student_init="scratch",
+                            distill_learning_rate=0.05)
+    record = _RecordTraining()
+    student = semi_supervised.distill_student(config, pre, teacher, _separable(96, 3),
+                                              epochs=6, callbacks=[record])
+    assert isinstance(record.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert student.get_layer("logits").dtype_policy.name == "float32"
+    assert semi_supervised.precision.precision_of(student) == "mixed_float16"
+    assert np.all(np.isfinite(record.losses)) and record.losses[-1] < record.losses[0]
+    assert finetune.evaluate_classifier(student, test) > 0.6
+    assert keras.mixed_precision.global_policy().name == "float32"
+
+
 def test_distiller_moves_the_student_towards_the_teacher():
     keras.utils.set_random_seed(0)
     inputs = keras.Input((16, 16, 1))

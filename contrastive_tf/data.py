@@ -287,8 +287,27 @@ def _decode_file(path: str, size: int, channels: int) -> np.ndarray:
     return array.reshape(size, size, channels)
 
 
+def _held_out(files: Sequence[str], root: str, groups: np.ndarray,
+              test_fraction: float) -> np.ndarray:
+    """Which files form the "test" split: in each class, the
+    `round(test_fraction * n)` files whose relative paths hash lowest.
+
+    The split depends on the file names only -- not on any run's seed -- so
+    every job and every seed sees the same test images, and adding images
+    to a folder moves few of the others between splits.
+    """
+    keys = np.array([int.from_bytes(hashlib.sha256(
+        os.path.relpath(f, root).encode()).digest()[:8], "big") for f in files])
+    test = np.zeros(len(files), bool)
+    for label in np.unique(groups):
+        members = np.flatnonzero(groups == label)
+        count = int(round(test_fraction * len(members)))
+        test[members[np.argsort(keys[members], kind="stable")[:count]]] = True
+    return test
+
+
 def load_folder(path: str, image_size: int, channels: int = 3,
-                split: str = "all", test_fraction: float = 0.0, seed: int = 0,
+                split: str = "all", test_fraction: float = 0.0,
                 strict: bool = False) -> Source:
     """Your own images: class subfolders (labelled) or a flat folder.
 
@@ -302,8 +321,8 @@ def load_folder(path: str, image_size: int, channels: int = 3,
         image_size: side of the square images returned.
         channels: 1 or 3. Defaults to 3.
         split: "all", or "train"/"test" for a split by `test_fraction`.
-        test_fraction: share of each class held out as "test".
-        seed: seed of that split.
+        test_fraction: share of each class held out as "test", chosen by a
+            hash of each file's path (`_held_out`): the same for every seed.
         strict: raise on any undecodable file instead of skipping it.
     """
     if not os.path.isdir(path):
@@ -359,12 +378,7 @@ def load_folder(path: str, image_size: int, channels: int = 3,
     kept_labels = None if labels is None else np.asarray(labels, np.int32)[keep]
     if split != "all":
         groups = kept_labels if kept_labels is not None else np.zeros(len(keep), np.int32)
-        rng = np.random.RandomState(seed)
-        test = np.zeros(len(keep), bool)
-        for label in np.unique(groups):
-            members = np.flatnonzero(groups == label)
-            count = int(round(test_fraction * len(members)))
-            test[rng.permutation(members)[:count]] = True
+        test = _held_out([files[i] for i in keep], path, groups, test_fraction)
         chosen = np.flatnonzero(test if split == "test" else ~test)
         if chosen.size == 0:
             raise DataError(f"folder:{path}: split {split!r} with test_fraction="
@@ -379,12 +393,13 @@ def load_folder(path: str, image_size: int, channels: int = 3,
 def load(spec: str, split: str = "train", data_dir: str | None = None,
          image_size: int | None = None, channels: int = 3,
          download: bool = False, strict: bool = False,
-         test_fraction: float = 0.2, seed: int = 0) -> Source:
+         test_fraction: float = 0.2) -> Source:
     """Loads a dataset split from a spec (see the module docstring).
 
     `image_size` and `channels` apply to folders, which need a common size;
     other sources keep their images as they are (the model resizes).
-    For folders, splits "train"/"test" hold out `test_fraction` per class.
+    For folders, splits "train"/"test" hold out `test_fraction` per class,
+    the same files whatever the run's seed (`load_folder`).
     """
     if spec == "embedded":
         return load_embedded(split)
@@ -396,8 +411,7 @@ def load(spec: str, split: str = "train", data_dir: str | None = None,
         if image_size is None:
             raise DataError(f"{spec}: image_size is needed to load a folder")
         return load_folder(spec[len("folder:"):], image_size, channels,
-                           split=split, test_fraction=test_fraction,
-                           seed=seed, strict=strict)
+                           split=split, test_fraction=test_fraction, strict=strict)
     raise DataError(f"unknown dataset spec {spec!r}; use 'embedded', "
                     "'fashion_mnist', 'tfds:<name>[:<config>]' or "
                     "'folder:<path>'")

@@ -89,8 +89,9 @@ def train_classifier(classifier: keras.Model, train: data.Source,
     batch_size = min(batch_size, train.num_examples)
     steps = max(train.num_examples // batch_size, min_steps, 1)
     schedule = optim.WarmupCosine(learning_rate, steps, steps * epochs)
-    trainer.compile(optimizer=precision.loss_scaled(
-                        optim.make_optimizer(optimizer, schedule, weight_decay), policy),
+    optimizer = optim.make_optimizer(optimizer, schedule, weight_decay)
+    optim.exclude_from_decay(optimizer, trainer.trainable_variables)
+    trainer.compile(optimizer=precision.loss_scaled(optimizer, policy),
                     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                     metrics=["accuracy"])
     stream = data.training_stream(train, batch_size, seed=seed, with_labels=True)

@@ -6,7 +6,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from contrastive_tf import distribution
+from contrastive_tf import distribution, optim
 from contrastive_tf.losses import nt_xent_with_accuracy
 
 
@@ -88,6 +88,14 @@ class SimCLR(distribution.BuiltAtInit, keras.Model):
         self.probe_loss_tracker = keras.metrics.Mean(name="probe_loss")
         self.probe_accuracy_tracker = keras.metrics.SparseCategoricalAccuracy(
             name="probe_accuracy")
+
+    def compile(self, optimizer="rmsprop", **kwargs):
+        """`keras.Model.compile`; then biases, batch-norm parameters and the
+        online probe (a measurement, like the reference's supervised head)
+        are kept out of weight decay and LARS adaptation."""
+        super().compile(optimizer=optimizer, **kwargs)
+        probe = self.probe.trainable_variables if self.probe is not None else []
+        optim.exclude_from_decay(self.optimizer, self.trainable_variables, extra=probe)
 
     @property
     def metrics(self):

@@ -28,7 +28,9 @@ class LARS(keras.optimizers.Optimizer):
 
     Variables of rank <= 1 -- biases and batch-norm scales and offsets in
     Keras' layers -- are excluded from both decay and adaptation when
-    `exclude_bias_and_norm` is true; they get plain momentum SGD.
+    `exclude_bias_and_norm` is true; they get plain momentum SGD. So are the
+    variables passed to Keras' `exclude_from_weight_decay(var_list=...)`
+    (SimCLR's online probe, as the reference excludes its supervised head).
 
     Args:
         learning_rate: float or schedule. Defaults to `0.1`.
@@ -65,6 +67,19 @@ class LARS(keras.optimizers.Optimizer):
         self.trust_coefficient = float(trust_coefficient)
         self.lars_weight_decay = float(weight_decay)
         self.exclude_bias_and_norm = bool(exclude_bias_and_norm)
+        self._excluded = frozenset()
+
+    def exclude_from_weight_decay(self, var_list=None, var_names=None):
+        """Excludes the variables in `var_list` from decay and adaptation
+        (call before the optimizer is built). Names are not supported: the
+        variables themselves say what is excluded."""
+        if var_names:
+            raise ValueError("LARS excludes variables (var_list), not names. "
+                             f"Received: var_names={var_names}")
+        super().exclude_from_weight_decay(var_list=var_list)
+        # Keras' own variable identity (update_step receives the backend's
+        # variable, not the keras.Variable the caller holds).
+        self._excluded = frozenset(self._var_key(v) for v in var_list or [])
 
     def build(self, var_list):
         if self.built:
@@ -73,6 +88,8 @@ class LARS(keras.optimizers.Optimizer):
         self._velocities = self.add_optimizer_variables(var_list, "velocity")
 
     def _adapted(self, variable) -> bool:
+        if self._var_key(variable) in self._excluded:
+            return False
         return not (self.exclude_bias_and_norm and len(variable.shape) <= 1)
 
     def update_step(self, gradient, variable, learning_rate):
@@ -160,10 +177,23 @@ def scaled_learning_rate(base: float, batch_size: int,
     return base
 
 
+def exclude_from_decay(optimizer: keras.optimizers.Optimizer, variables,
+                       extra=()) -> None:
+    """Keeps batch-norm parameters and biases (the variables of rank <= 1
+    among `variables`) and the variables in `extra` out of weight decay --
+    and, for LARS, out of trust-ratio adaptation. Call before the optimizer
+    is built; a `LossScaleOptimizer`'s inner optimizer is the one changed."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    inner.exclude_from_weight_decay(
+        var_list=[v for v in variables if len(v.shape) <= 1] + list(extra))
+
+
 def make_optimizer(name: str, learning_rate, weight_decay: float,
                    momentum: float = 0.9) -> keras.optimizers.Optimizer:
-    """The optimiser a job asks for: "lars", "sgd" (momentum, coupled L2 via
-    weight decay on rank >= 2 variables) or "adamw"."""
+    """The optimiser a job asks for: "lars", "sgd" (momentum, with Keras'
+    decoupled weight decay: w -= lr * weight_decay * w each step) or "adamw".
+    `exclude_from_decay` keeps biases and batch-norm parameters out of the
+    decay, as the spec asks."""
     if name == "lars":
         return LARS(learning_rate, momentum=momentum, weight_decay=weight_decay)
     if name == "sgd":

@@ -89,9 +89,9 @@ def labelled_splits(config: PipelineConfig) -> Splits:
     from `config.seed` (the same for a given config, run after run)."""
     pre = config.pretrain
     full = data.load(pre.dataset, pre.train_split, pre.data_dir,
-                     image_size=pre.image_size, channels=pre.channels, seed=config.seed)
+                     image_size=pre.image_size, channels=pre.channels)
     test = data.load(pre.dataset, pre.eval_split, pre.data_dir, image_size=pre.image_size,
-                     channels=full.image_shape[-1], seed=config.seed)
+                     channels=full.image_shape[-1])
     if not full.labelled:
         raise data.DataError(f"{pre.dataset}: the pipeline needs labels for its "
                              "labelled subsets and evaluation")
@@ -301,9 +301,10 @@ def distill_student(config: PipelineConfig, pre, teacher: keras.Model,
                               temperature=config.distill_temperature)
     epochs = epochs or config.distill_epochs
     steps = max(pool.num_examples // pre.batch_size, 1)
-    distiller.compile(optimizer=precision.loss_scaled(optim.make_optimizer(
-        "sgd", optim.WarmupCosine(config.distill_learning_rate, steps, steps * epochs), 1e-4),
-        pre.precision))
+    optimizer = optim.make_optimizer(
+        "sgd", optim.WarmupCosine(config.distill_learning_rate, steps, steps * epochs), 1e-4)
+    optim.exclude_from_decay(optimizer, student.trainable_variables)
+    distiller.compile(optimizer=precision.loss_scaled(optimizer, pre.precision))
     unlabelled = dataclasses.replace(pool, labels=None)
     distiller.fit(data.training_stream(unlabelled, pre.batch_size, seed=config.seed),
                   steps_per_epoch=steps, epochs=epochs, verbose=2, callbacks=callbacks)

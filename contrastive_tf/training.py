@@ -293,8 +293,7 @@ def _pretrain(config: PretrainConfig, choice: precision.Choice, requested: str,
               verbose: int, callbacks: list | None) -> dict:
     started = time.time()
     source = data.load(config.dataset, config.train_split, config.data_dir,
-                       image_size=config.image_size, channels=config.channels,
-                       seed=config.seed)
+                       image_size=config.image_size, channels=config.channels)
     channels = source.image_shape[-1]
     config = dataclasses.replace(config, channels=channels)
     strategy = make_strategy(config.strategy)
@@ -366,8 +365,7 @@ def _pretrain(config: PretrainConfig, choice: precision.Choice, requested: str,
     knn = None
     if source.labelled and source.images is not None:
         query = data.load(config.dataset, config.eval_split, config.data_dir,
-                          image_size=config.image_size, channels=channels,
-                          seed=config.seed)
+                          image_size=config.image_size, channels=channels)
         bank_size = min(config.knn_bank_size, source.num_examples)
         bank_index = data.class_balanced_indices(
             source.labels, fraction=bank_size / source.num_examples, seed=config.seed)

@@ -35,7 +35,7 @@ def main(argv):
     from contrastive_tf.augment import SimCLRAugmenter
 
     source = data.load(FLAGS.dataset, FLAGS.split, FLAGS.data_dir,
-                       image_size=FLAGS.image_size, seed=FLAGS.seed)
+                       image_size=FLAGS.image_size)
     if source.images is None:
         images = np.stack([image.numpy() for image, _ in
                            data.pipeline(source, 1, training=False,

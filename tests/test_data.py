@@ -144,6 +144,30 @@ def test_flat_folder_is_unlabelled_and_splits_deterministically(tmp_path):
     assert not any(img.tobytes() in train_rows for img in test.images)
 
 
+def test_folder_split_is_the_same_for_every_seed(tmp_path):
+    # Regression: the held-out split used the run's seed, and through the
+    # Python API PipelineConfig.seed and PretrainConfig.seed may differ, so
+    # test images could enter pretraining. Now the split depends on file
+    # names only: no test image is in any training split, whatever the seeds.
+    from contrastive_tf import semi_supervised
+    from contrastive_tf.config import PipelineConfig, PretrainConfig
+    for name in ("a", "b"):
+        _write_images(tmp_path / "classes" / name, 10, seed=ord(name))
+    spec = f"folder:{tmp_path / 'classes'}"
+    test = {img.tobytes() for img in data.load(spec, "test", image_size=8).images}
+    assert len(test) == 4  # 20% of each class of 10
+    for seed in range(4):
+        pre = PretrainConfig(model_dir="unused", dataset=spec, image_size=8, channels=3,
+                             seed=seed)
+        pipeline = PipelineConfig(output_dir="unused", pretrain=pre, seed=seed + 7,
+                                  fractions=(0.2,), val_fraction=0.2)
+        splits = semi_supervised.labelled_splits(pipeline)
+        assert {img.tobytes() for img in splits.test.images} == test
+        train = data.load(pre.dataset, pre.train_split, image_size=8)
+        assert not test & {img.tobytes() for img in train.images}
+        assert not test & {img.tobytes() for img in splits.full.images}
+
+
 @pytest.mark.parametrize("setup, message", [
     (lambda p: os.makedirs(p), "no images"),
     (lambda p: (os.makedirs(p / "a"), _write_images(p / "b", 1)), "'a' has no images"),

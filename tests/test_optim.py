@@ -83,6 +83,55 @@ def test_learning_rate_scaling(scaling, expected):
     assert optim.scaled_learning_rate(base, 4096, scaling) == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_decoupled_decay_skips_biases_and_batch_norm(name):
+    # Keras applies decoupled decay to every variable not excluded; the spec
+    # wants none on batch-norm parameters and biases.
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4),
+                              keras.layers.BatchNormalization()])
+    for w in model.trainable_variables:
+        w.assign(np.full(w.shape, 2.0, np.float32))
+    optimizer = optim.make_optimizer(name, 0.1, 0.5)
+    optim.exclude_from_decay(optimizer, model.trainable_variables)
+    zeros = [keras.ops.zeros(w.shape) for w in model.trainable_variables]
+    optimizer.apply(zeros, model.trainable_variables)
+    for w in model.trainable_variables:
+        # w -= lr * wd * w for kernels only: 2 * (1 - 0.05) = 1.9
+        expected = 1.9 if len(w.shape) >= 2 else 2.0
+        np.testing.assert_allclose(w.numpy(), expected, rtol=1e-6, err_msg=w.path)
+
+
+def test_lars_excluded_variables_get_plain_momentum_sgd():
+    rng = np.random.RandomState(1)
+    initial = [rng.normal(size=(4, 3)).astype(np.float32) for _ in range(2)]
+    grads = [[rng.normal(size=(4, 3)).astype(np.float32) for _ in range(2)]
+             for _ in range(3)]
+    variables = [keras.Variable(w) for w in initial]
+    optimizer = optim.LARS(learning_rate=0.5, momentum=0.9, trust_coefficient=0.01,
+                           weight_decay=0.05)
+    optim.exclude_from_decay(optimizer, variables, extra=[variables[1]])
+    for step_grads in grads:
+        optimizer.apply([keras.ops.convert_to_tensor(g) for g in step_grads], variables)
+    expected = numpy_lars(initial, grads, 0.5, 0.9, 0.01, 0.05, [False, True])
+    for got, want in zip(variables, expected):
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="not names"):
+        optim.LARS().exclude_from_weight_decay(var_names=["bias"])
+
+
+def test_simclr_probe_is_not_decayed_or_adapted():
+    from tests.testing import tiny_simclr
+    model = tiny_simclr(16, 1, num_classes=3)
+    model.compile(optimizer=optim.LARS(learning_rate=0.5, weight_decay=0.05,
+                                       trust_coefficient=0.01, momentum=0.0))
+    model.optimizer.build(model.trainable_variables)
+    kernel = model.probe.kernel
+    before = kernel.numpy().copy()
+    gradient = np.full(kernel.shape, 0.1, np.float32)
+    model.optimizer.apply([keras.ops.convert_to_tensor(gradient)], [kernel])
+    np.testing.assert_allclose(kernel.numpy(), before - 0.5 * gradient, rtol=1e-5)
+
+
 def test_make_optimizer_and_errors():
     assert isinstance(optim.make_optimizer("lars", 0.1, 1e-6), optim.LARS)
     assert isinstance(optim.make_optimizer("adamw", 0.1, 1e-4), keras.optimizers.AdamW)

@@ -1,7 +1,7 @@
 """contrastive_tf: SimCLR / SimCLRv2 in Keras 3 on TensorFlow."""
 
 from contrastive_tf import (augment, backbones, config, data, distill, distribution,
-                            evaluation, finetune, heads, losses, optim)
+                            evaluation, finetune, heads, losses, optim, precision)
 from contrastive_tf.augment import SimCLRAugmenter
 from contrastive_tf.backbones import resnet
 from contrastive_tf.heads import ProjectionHead
@@ -20,6 +20,7 @@ __all__ = [
     "evaluation",
     "finetune",
     "optim",
+    "precision",
     "ProjectionHead",
     "SimCLR",
     "SimCLRAugmenter",

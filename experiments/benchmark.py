@@ -149,6 +149,11 @@ def bench_step(name, depth, size, batch, precision, base_width, steps, warmup,
     images = np.random.RandomState(0).randint(0, 256, (batch, size, size, 3)).astype(np.uint8)
     images = tf.constant(images)
     step = lambda: model.train_on_batch(images)  # noqa: E731
+    # Time to the first step: graph tracing and compilation, which dominate
+    # short runs on slow machines.
+    start = time.perf_counter()
+    step()
+    first_step_s = time.perf_counter() - start
     # The matmul figure drifts on a shared VM: measure it before and after the
     # steps and divide by the higher one, so a slow moment cannot flatter mfu.
     peak_before = matmul_peak(precision)
@@ -165,6 +170,7 @@ def bench_step(name, depth, size, batch, precision, base_width, steps, warmup,
         "images_per_s": round(batch / step_s, 2),
         "views_per_s": round(2 * batch / step_s, 2),
         "step_s": round(step_s, 4),
+        "first_step_s": round(first_step_s, 2),
         "gflop_per_step": round(flops_step / 1e9, 2),
         "gflops": round(flops_step / step_s / 1e9, 1),
         "matmul_peak_gflops": round(peak, 1),
@@ -253,18 +259,26 @@ print(json.dumps({{"step_s": statistics.median(times), "peak_rss_mb": peak,
     return {k: round(v, 4 if k == "step_s" else 1) for k, v in result.items()}
 
 
+RELEVANT_CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16")
+
+
 def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    """CPU model, its flags that decide the precision, cores, GPUs, and the
+    precision `--precision=auto` picks here."""
+    from contrastive_tf import precision
+    cpu = precision.cpu_model()
+    if cpu == "unknown":
+        cpu = platform.processor() or "unknown CPU"
+    flags_here = precision.cpu_flags()
+    shown = [f for f in RELEVANT_CPU_FLAGS if f in flags_here] or ["none of " + "/".join(
+        RELEVANT_CPU_FLAGS)]
     import tensorflow as tf
     gpus = tf.config.list_physical_devices("GPU")
     gpu = ", ".join(tf.config.experimental.get_device_details(g).get("device_name", g.name)
                     for g in gpus) or "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, {gpu}"
+    auto = precision.choose("auto")
+    return (f"{cpu} (flags: {' '.join(shown)}), {os.cpu_count()} cores, {gpu}; "
+            f"--precision=auto -> {auto.policy}")
 
 
 def main(argv):
@@ -278,11 +292,19 @@ def main(argv):
     steps_table = dict(STEPS)
     if tf.config.list_physical_devices("GPU"):
         steps_table.update(GPU_STEPS)
+    from contrastive_tf import precision
+    if precision.choose("auto").policy != "mixed_bfloat16" and not FLAGS.only:
+        # bf16 is emulated here (about 4x slower than fp32): measuring it
+        # would take most of the run and say nothing about a useful setting.
+        steps_table = {k: v for k, v in steps_table.items() if v[3] != "mixed_bfloat16"}
+        print("bench note: this machine has no native bfloat16; bf16 configurations "
+              "are skipped (name them with --only to run them anyway)", flush=True)
     ntxent_batches = NTXENT_BATCHES
     if FLAGS.smoke:
         steps_table = {"smoke_r18_b8_16px_fp32": (18, 16, 8, "float32", 4)}
         ntxent_batches = (64,)
-    conv_stages = dict(CONV_STAGES)
+    conv_stages = {k: v for k, v in CONV_STAGES.items()
+                   if v != "mixed_bfloat16" or any(c[3] == v for c in steps_table.values())}
     if FLAGS.smoke:
         conv_stages = {"smoke_conv_stages_fp32": "float32"}
     names = (list(steps_table) + list(conv_stages)

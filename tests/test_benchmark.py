@@ -36,6 +36,9 @@ def test_benchmark_smoke(tmp_path):
     assert "peak_rss_mb=" in ntxent and "step_s=" in ntxent
     text = out.read_text()
     assert "--smoke" in text and "machine:" in text and "smoke_r18_b8_16px_fp32" in text
+    # The machine line names the CPU flags that decide the precision, and the choice.
+    assert "(flags: " in text and "--precision=auto -> " in text
+    assert float(values["first_step_s"]) >= float(values["step_s"])
 
 
 def pytest_approx(value):

@@ -97,6 +97,12 @@ class SimCLR(distribution.BuiltAtInit, keras.Model):
         probe = self.probe.trainable_variables if self.probe is not None else []
         optim.exclude_from_decay(self.optimizer, self.trainable_variables, extra=probe)
 
+    def compile_from_config(self, config):
+        """Recompiles a loaded model through `compile` above (Keras skips a
+        custom `compile` when loading unless this is overridden)."""
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        self.optimizer.build(self.trainable_variables)
+
     @property
     def metrics(self):
         trackers = [self.loss_tracker, self.accuracy_tracker]

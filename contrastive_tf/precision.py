@@ -26,6 +26,9 @@ import keras
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 NATIVE_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 NATIVE_FP16_CPU_FLAGS = ("amx_fp16", "avx512_fp16")
+# oneDNN's ISA caps (ONEDNN_MAX_CPU_ISA) under which it has no bf16 kernels.
+_ONEDNN_CAPS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2",
+                             "AVX512_CORE", "AVX512_CORE_VNNI")
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +42,19 @@ class Choice:
 
 
 def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
-    """The CPU feature flags Linux reports (empty where it reports none)."""
-    if not os.path.exists(path):
-        return frozenset()
-    with open(path) as f:
-        for line in f:
-            if line.startswith(("flags", "Features")):
-                return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
+    """The CPU feature flags Linux reports (empty where it reports none),
+    less the bf16 ones when `ONEDNN_MAX_CPU_ISA` caps oneDNN -- TensorFlow's
+    CPU kernels -- below its bf16 instruction sets."""
+    flags = frozenset()
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags = frozenset(line.split(":", 1)[1].split())
+                    break
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _ONEDNN_CAPS_WITHOUT_BF16:
+        flags = flags - set(NATIVE_BF16_CPU_FLAGS) - set(NATIVE_FP16_CPU_FLAGS)
+    return flags
 
 
 def cpu_model(path: str = "/proc/cpuinfo") -> str:

@@ -13,6 +13,8 @@ import os
 
 from absl import app, flags, logging
 
+from experiments.jobs import reports_known_errors
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model_dir", None, "Run directory (pretraining, fine-tuning or distillation).")
 flags.DEFINE_string("export_root", None, "Folder of exported models (TF Serving's base).")
@@ -26,6 +28,7 @@ flags.DEFINE_integer("max_image_pixels", 1 << 26, "Largest height x width a serv
 flags.mark_flags_as_required(["model_dir", "export_root", "model_name"])
 
 
+@reports_known_errors
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")

@@ -2,7 +2,7 @@
 
     python -m experiments.pipeline --output_dir=runs/demo --flagfile=experiments/configs/demo.flags
 
-pretrain -> linear probe / kNN -> fine-tune at 1% and 10% labels -> supervised
+pretrain -> linear probe / kNN -> fine-tune at 1 and 10 percent of the labels -> supervised
 baseline on the same labels -> distil each fine-tuned teacher into a student ->
 export -> results.json, results.md, label_efficiency.png in --output_dir.
 Every pretraining flag of experiments.pretrain applies to the pretraining stage.
@@ -13,6 +13,7 @@ import os
 from absl import app, flags, logging
 
 from experiments import pretrain as pretrain_flags
+from experiments.jobs import reports_known_errors
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output_dir", None, "Where every stage writes its outputs.")
@@ -44,6 +45,7 @@ flags.DEFINE_enum("student_init", "pretrained", ["pretrained", "scratch"],
                   "Student starts from the pretrained encoder or from scratch.")
 
 
+@reports_known_errors
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")

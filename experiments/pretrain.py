@@ -10,6 +10,8 @@ resumes from the last checkpoint in --model_dir.
 
 from absl import app, flags, logging
 
+from experiments.jobs import reports_known_errors
+
 from contrastive_tf.backbones import SUPPORTED_DEPTHS
 from contrastive_tf.config import PRECISIONS, STRATEGIES, PretrainConfig
 from contrastive_tf.optim import OPTIMIZERS, SCALINGS
@@ -86,6 +88,7 @@ def config_from_flags(model_dir: str | None = None) -> PretrainConfig:
         seed=FLAGS.seed, deterministic=FLAGS.deterministic)
 
 
+@reports_known_errors
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")

@@ -22,6 +22,8 @@ import time
 
 from absl import app, flags, logging
 
+from experiments.jobs import reports_known_errors
+
 from experiments import pipeline as pipeline_flags  # noqa: F401  (defines the flags)
 
 FLAGS = flags.FLAGS
@@ -52,6 +54,7 @@ def parse_trial(text: str) -> tuple[str, dict]:
     return method, options
 
 
+@reports_known_errors
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")

@@ -94,6 +94,9 @@ def test_save_and_load_round_trip(tmp_path):
     model.save(path)
     restored = keras.models.load_model(path)  # no custom_objects
     assert isinstance(restored, ct.SimCLR)
+    # Compiled again, with the optimizer's state.
+    assert isinstance(restored.optimizer, keras.optimizers.Adam)
+    assert int(restored.optimizer.iterations) == int(model.optimizer.iterations) > 0
     assert restored.temperature == model.temperature
     images = random_images(4, seed=3)
     np.testing.assert_allclose(restored.predict(images, verbose=0),

@@ -61,6 +61,15 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
     assert precision.cpu_flags(str(tmp_path / "missing")) == frozenset()
 
 
+def test_onednn_isa_cap_below_bf16_means_no_native_bf16(tmp_path, monkeypatch):
+    path = tmp_path / "cpuinfo"
+    path.write_text("flags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert precision.cpu_flags(str(path)) == {"fpu", "avx2", "avx512f"}
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert "avx512_bf16" in precision.cpu_flags(str(path))
+
+
 def test_policy_scope_restores_the_previous_policy_on_error():
     assert keras.mixed_precision.global_policy().name == "float32"
     with pytest.raises(RuntimeError):

@@ -208,6 +208,15 @@ def _finite_checkpoint(path):
     return True
 
 
+def test_job_help_texts_are_not_garbled():
+    # absl formats a module docstring with %: a bare % garbled --help.
+    import ast
+    import glob
+    for path in glob.glob(os.path.join(ROOT, "experiments", "*.py")):
+        doc = ast.get_docstring(ast.parse(open(path).read())) or ""
+        assert "%" not in doc.replace("%%", ""), path
+
+
 def test_blown_up_run_keeps_only_finite_checkpoints(tmp_path):
     # A far too high learning rate: the loss of step 2 is still finite (it is
     # computed before step 2's update), but that update leaves NaN in
@@ -215,8 +224,10 @@ def test_blown_up_run_keeps_only_finite_checkpoints(tmp_path):
     model_dir = str(tmp_path / "run")
     result = _run([*TINY, "--optimizer=sgd", "--learning_rate=1e12",
                    "--checkpoint_steps=1", "--train_steps=10", f"--model_dir={model_dir}"])
-    assert result.returncode != 0
+    assert result.returncode == 1
     assert "NaN/Inf" in result.stderr or "loss is nan" in result.stderr
+    # A known error is one line, not a traceback.
+    assert "Traceback" not in result.stderr and "\nerror: " in "\n" + result.stderr
     saved = _checkpoints(model_dir)
     assert saved, result.stderr[-2000:]
     folder = os.path.join(model_dir, "checkpoints")

@@ -24,10 +24,15 @@ class PretrainConfig:
     model_dir: str
     dataset: str = "embedded"
     data_dir: str | None = None
-    train_split: str = "train"
-    eval_split: str = "test"
+    # "": the dataset's training images -- a folder whole (or its train/
+    # subfolder), a named dataset's "train" split. Folders also take
+    # "train"/"test": a fixed 80/20 split by file name (the pipeline's).
+    train_split: str = ""
+    # "": the held-out split for the kNN monitor where the dataset has one
+    # apart from the training images (none for a folder used whole).
+    eval_split: str = ""
     image_size: int = 32
-    channels: int = 1
+    channels: int = 0  # 0: folders infer it (1 if every image is gray), datasets their own
     depth: int = 18
     width_multiplier: int = 1
     sk_ratio: float = 0.0
@@ -69,7 +74,7 @@ class PretrainConfig:
              "give epochs > 0 or train_steps > 0"),
             (self.train_steps >= 0, "train_steps must be >= 0"),
             (self.image_size >= 8, "image_size must be >= 8"),
-            (self.channels in (1, 3), "channels must be 1 or 3"),
+            (self.channels in (0, 1, 3), "channels must be 1 or 3 (0: infer)"),
             (self.width_multiplier >= 1, "width_multiplier must be >= 1"),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}"),
             (self.lr_scaling in SCALINGS, f"lr_scaling must be one of {SCALINGS}"),
@@ -90,6 +95,17 @@ class PretrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def splits(self) -> tuple[str, str | None]:
+        """The (training, kNN query) splits: `train_split` / `eval_split`,
+        or what "" means for this dataset (`data.whole_split`); no query
+        split when it would be the training images again."""
+        from contrastive_tf import data
+        train = self.train_split or data.whole_split(self.dataset, "train")
+        query = self.eval_split or data.whole_split(self.dataset, "test")
+        if query == "all" or (query == train and not self.eval_split):
+            query = None
+        return train, query
 
     def architecture(self) -> dict:
         return {name: getattr(self, name) for name in ARCHITECTURE_FIELDS}
@@ -135,6 +151,14 @@ class PipelineConfig:
     student_base_width: int = 0  # 0: same size as the teacher
     student_init: str = "pretrained"  # or "scratch"
     seed: int = 0
+    # Your own data instead of fractions of one labelled set: pretraining and
+    # distillation on unlabelled_dataset (default: the pretraining dataset,
+    # used whole), fine-tuning and the baseline on labelled_dataset (whole,
+    # less a validation part), the table on test_dataset.
+    unlabelled_dataset: str = ""
+    labelled_dataset: str = ""
+    test_dataset: str = ""
+    label_seeds: int = 1  # class-balanced label draws per fraction (mean and std reported)
 
     def __post_init__(self):
         checks = [
@@ -152,6 +176,11 @@ class PipelineConfig:
              "student_init must be 'pretrained' or 'scratch'"),
             (self.student_init == "scratch" or self.student_base_width in (0, self.pretrain.base_width),
              "a student of another width must start from scratch (student_init='scratch')"),
+            (bool(self.labelled_dataset) == bool(self.test_dataset),
+             "labelled_dataset and test_dataset go together"),
+            (self.label_seeds >= 1, "label_seeds must be >= 1"),
+            (self.label_seeds == 1 or not self.labelled_dataset,
+             "label_seeds draws fractions of one labelled set: not with labelled_dataset"),
         ]
         problems = [message for ok, message in checks if not ok]
         if problems:
@@ -166,6 +195,144 @@ class PipelineConfig:
     def exported_fraction(self) -> float:
         """The fraction whose classifier and student are exported."""
         return self.export_fraction or max(self.teacher_fractions)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _field(default, help: str, required: bool = False):
+    """A config field with its flag help beside it (the jobs' flags are
+    generated from these: experiments/jobs.py). A required field has no
+    default: the job refuses to start without it."""
+    metadata = {"help": help, "required": required}
+    if required:
+        return dataclasses.field(metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+class OutputDirError(ValueError):
+    """An output folder that holds another job's results."""
+
+
+def claim_output_dir(path: str, job: str, settings: dict) -> None:
+    """Makes `path` this job's output folder, writing job.json there.
+
+    A folder that holds another job's results (a job.json of another job,
+    or files of a run without one, such as a pretraining run) is refused,
+    never overwritten; rerunning the same job into its own folder is fine.
+    """
+    marker = os.path.join(path, "job.json")
+    if os.path.exists(marker):
+        previous = read_json(marker).get("job")
+        if previous != job:
+            raise OutputDirError(f"{path} holds the results of a {previous} job; give this "
+                                 f"{job} job another --output_dir")
+    elif os.path.isdir(path) and os.listdir(path):
+        raise OutputDirError(f"{path} is not empty ({', '.join(sorted(os.listdir(path))[:5])}"
+                             f"...) and is not a {job} job's folder; give another --output_dir")
+    os.makedirs(path, exist_ok=True)
+    write_json(marker, {"job": job, "settings": settings})
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """Fine-tuning a pretrained encoder on a labelled set you have.
+
+    Defaults are the pipeline's fine-tuning recipe (PipelineConfig); it
+    computes in the precision the encoder was pretrained in."""
+    encoder: str = _field(None, "A pretraining run directory (experiments.pretrain's --model_dir) or an encoder export version directory (exports/<name>/<version>).", required=True)
+    dataset: str = _field(None, 'Labelled images: folder:<path> with one subfolder per class (used whole, or its train/ subfolder), embedded, fashion_mnist or tfds:<name>.', required=True)
+    output_dir: str = _field(None, 'Where classifier.keras, class_names.json and summary.json go.', required=True)
+    test_dataset: str = _field("", 'Optional labelled test set with the same class names (a folder is used whole, or its test/ subfolder).')
+    data_dir: str | None = _field(None, 'TFDS data_dir, or the Fashion-MNIST folder.')
+    val_fraction: float = _field(0.1, "Share of each class's labelled images held out for model selection (at least one image per class).")
+    labels_per_class: int = _field(0, 'If > 0, keep a class-balanced subset of this many labelled images per class (benchmarks); written to labelled_subset.json.')
+    label_fraction: float = _field(0.0, 'If > 0, keep this class-balanced fraction of the labelled images instead.')
+    from_layer: str = _field("head", "Where the classifier starts: 'head' (the projection-head layer the encoder was pretrained with, SimCLRv2) or 'h' (the encoder's features).")
+    epochs: int = _field(30, 'Epochs: the length of the cosine schedule; the best validation epoch is kept.')
+    batch_size: int = _field(64, 'Batch size.')
+    learning_rate: float = _field(0.05, 'Peak learning rate (SGD with momentum).')
+    weight_decay: float = _field(1e-4, 'Decoupled weight decay (biases and batch norm excluded).')
+    min_steps: int = _field(10, 'At least this many steps per epoch, so tiny labelled sets still get updates.')
+    crop_min_area: float = _field(0.3, 'Smallest random-crop area (fine-tuning uses crop + flip only).')
+    seed: int = _field(0, 'Random seed.')
+
+    def __post_init__(self):
+        checks = [
+            (0 < self.val_fraction < 1, "val_fraction must lie in (0, 1)"),
+            (self.labels_per_class >= 0 and 0 <= self.label_fraction <= 1,
+             "labels_per_class must be >= 0 and label_fraction in [0, 1]"),
+            (not (self.labels_per_class and self.label_fraction),
+             "give labels_per_class or label_fraction, not both"),
+            (self.from_layer in ("head", "h"), "from_layer must be 'head' or 'h'"),
+            (self.epochs > 0 and self.batch_size > 0, "epochs and batch_size must be > 0"),
+            (self.learning_rate > 0, "learning_rate must be > 0"),
+            (0 < self.crop_min_area <= 1, "crop_min_area must be in (0, 1]"),
+        ]
+        problems = [message for ok, message in checks if not ok]
+        if problems:
+            raise ValueError("Invalid fine-tuning config: " + "; ".join(problems))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """Distilling a fine-tuned teacher into a student on unlabelled images."""
+    teacher: str = _field(None, "A fine-tuning run directory (experiments.finetune's --output_dir) or a classifier export version directory.", required=True)
+    dataset: str = _field(None, 'The images to distil on, labels unused: a flat folder of unlabelled images (used whole), or any dataset spec.', required=True)
+    output_dir: str = _field(None, "Where the student's classifier.keras, class_names.json and summary.json go.", required=True)
+    test_dataset: str = _field("", "Optional labelled test set (the teacher's class names).")
+    data_dir: str | None = _field(None, 'TFDS data_dir, or the Fashion-MNIST folder.')
+    labelled_dataset: str = _field("", 'Optional labelled set for a labelled cross-entropy term (with --label_weight).')
+    label_weight: float = _field(0.0, 'Weight of the labelled term (0: pure distillation, as SimCLRv2).')
+    student_encoder: str = _field("", 'Start the student from this pretraining run or encoder export (e.g. the one the teacher was fine-tuned from).')
+    student_depth: int = _field(0, "Student ResNet depth; 0: the teacher's own architecture, freshly initialised.")
+    student_base_width: int = _field(0, 'Student ResNet base width, with --student_depth (0: 64).')
+    temperature: float = _field(1.0, 'Distillation temperature t of softmax(logits / t).')
+    epochs: int = _field(6, 'Epochs over the images.')
+    batch_size: int = _field(256, 'Batch size.')
+    learning_rate: float = _field(0.05, 'Peak learning rate (SGD with momentum).')
+    crop_min_area: float = _field(0.3, 'Smallest random-crop area of the views.')
+    precision: str = _field("auto", 'Precision of a freshly built student (auto: bf16 where native, else float32).')
+    seed: int = _field(0, 'Random seed.')
+
+    def __post_init__(self):
+        checks = [
+            (self.temperature > 0, "temperature must be > 0"),
+            (self.label_weight >= 0, "label_weight must be >= 0"),
+            (not self.label_weight or self.labelled_dataset,
+             "label_weight > 0 needs a labelled_dataset"),
+            (self.epochs > 0 and self.batch_size > 0, "epochs and batch_size must be > 0"),
+            (self.student_depth in (0, *SUPPORTED_DEPTHS),
+             f"student_depth must be 0 (the teacher's) or one of {SUPPORTED_DEPTHS}"),
+            (not (self.student_encoder and self.student_depth),
+             "give student_encoder or student_depth, not both"),
+            (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}"),
+        ]
+        problems = [message for ok, message in checks if not ok]
+        if problems:
+            raise ValueError("Invalid distillation config: " + "; ".join(problems))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictConfig:
+    """Predictions (or embeddings) of a model for a folder or dataset."""
+    model: str = _field(None, 'A classifier (fine-tuning or distillation run, classifier export) or an encoder (pretraining run, encoder export).', required=True)
+    dataset: str = _field(None, 'The images: folder:<path> (used whole; class subfolders add a label column and accuracy) or any dataset spec.', required=True)
+    output: str = _field(None, 'The CSV file to write.', required=True)
+    data_dir: str | None = _field(None, 'TFDS data_dir, or the Fashion-MNIST folder.')
+    top_k: int = _field(3, 'Classes listed per image in the top_k column.')
+    embeddings: str = _field("", "Also write the encoder's features h to this .npy file (encoders only; row order as the CSV).")
+    batch_size: int = _field(256, 'Batch size.')
+
+    def __post_init__(self):
+        if self.top_k < 1:
+            raise ValueError(f"Invalid predict config: top_k must be >= 1, got {self.top_k}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -58,6 +58,7 @@ class Source:
         labels: `(n,)` int32 or None (unlabelled).
         dataset: unbatched `(image, label)` dataset for streaming sources.
         skipped: files that could not be decoded and were left out.
+        paths: for folders, the file of each image (index = row).
     """
     spec: str
     split: str
@@ -67,6 +68,7 @@ class Source:
     labels: np.ndarray | None = None
     dataset: tf.data.Dataset | None = None
     skipped: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()
 
     @property
     def num_classes(self) -> int:
@@ -92,6 +94,7 @@ class Source:
         return dataclasses.replace(
             self, images=self.images[indices],
             labels=None if self.labels is None else self.labels[indices],
+            paths=tuple(self.paths[i] for i in indices) if self.paths else (),
             num_examples=len(indices))
 
 
@@ -306,7 +309,45 @@ def _held_out(files: Sequence[str], root: str, groups: np.ndarray,
     return test
 
 
-def load_folder(path: str, image_size: int, channels: int = 3,
+SPLIT_FOLDERS = {"train": ("train",), "test": ("test", "val", "validation")}
+_GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+
+
+def split_folders(path: str) -> dict[str, str]:
+    """The split subfolders of a folder laid out as `train/` + `test/` (or
+    `val/`): {"train": path/train, "test": path/test}; {} for any other
+    folder (class subfolders, or a flat folder of images)."""
+    if not os.path.isdir(path):
+        return {}
+    subdirs = {e for e in os.listdir(path) if os.path.isdir(os.path.join(path, e))
+               and not e.startswith(".")}
+    known = {name for names in SPLIT_FOLDERS.values() for name in names}
+    if "train" not in subdirs or len(subdirs) < 2 or not subdirs <= known:
+        return {}
+    found = {}
+    for split, names in SPLIT_FOLDERS.items():
+        for name in names:
+            if name in subdirs:
+                found[split] = os.path.join(path, name)
+                break
+    return found
+
+
+def infer_channels(files: Sequence[str]) -> int:
+    """1 if every readable image is grayscale (by its mode), else 3."""
+    from PIL import Image
+
+    for file in files:
+        try:
+            with Image.open(file) as image:
+                if image.mode not in _GRAY_MODES:
+                    return 3
+        except Exception:  # unreadable files are reported by the loader
+            continue
+    return 1
+
+
+def load_folder(path: str, image_size: int, channels: int = 0,
                 split: str = "all", test_fraction: float = 0.0,
                 strict: bool = False) -> Source:
     """Your own images: class subfolders (labelled) or a flat folder.
@@ -319,18 +360,30 @@ def load_folder(path: str, image_size: int, channels: int = 3,
     Args:
         path: the folder.
         image_size: side of the square images returned.
-        channels: 1 or 3. Defaults to 3.
-        split: "all", or "train"/"test" for a split by `test_fraction`.
+        channels: 1 or 3; 0 (the default) infers it: 1 when every image is
+            grayscale, else 3.
+        split: "all", or "train"/"test" for a split by `test_fraction`. A
+            folder laid out as `train/` + `test/` (or `val/`) subfolders
+            (`split_folders`) uses them instead: "train" and "all" read
+            `train/`, "test" reads `test/`, each whole.
         test_fraction: share of each class held out as "test", chosen by a
             hash of each file's path (`_held_out`): the same for every seed.
         strict: raise on any undecodable file instead of skipping it.
     """
     if not os.path.isdir(path):
         raise DataError(f"folder:{path}: no such directory")
-    if channels not in (1, 3):
-        raise DataError(f"folder:{path}: channels must be 1 or 3, got {channels}")
+    if channels not in (0, 1, 3):
+        raise DataError(f"folder:{path}: channels must be 1 or 3 (0: infer), got {channels}")
     if split not in ("all", "train", "test"):
         raise DataError(f"folder:{path}: unknown split {split!r}")
+    layout = split_folders(path)
+    if layout:
+        wanted = "train" if split == "all" else split
+        if wanted not in layout:
+            raise DataError(f"folder:{path}: has train/ but no test/ or val/ subfolder "
+                            f"for split {split!r}")
+        source = load_folder(layout[wanted], image_size, channels, "all", strict=strict)
+        return dataclasses.replace(source, spec=f"folder:{path}", split=split)
     entries = sorted(os.listdir(path))
     subdirs = [e for e in entries if os.path.isdir(os.path.join(path, e))
                and not e.startswith(".")]
@@ -354,6 +407,7 @@ def load_folder(path: str, image_size: int, channels: int = 3,
     if not files:
         raise DataError(f"folder:{path}: no images "
                         f"({', '.join(IMAGE_EXTENSIONS)}) found")
+    channels = channels or infer_channels(files)
 
     def decode(file):
         try:
@@ -385,19 +439,23 @@ def load_folder(path: str, image_size: int, channels: int = 3,
                             f"{test_fraction} is empty")
         images = images[chosen]
         kept_labels = None if kept_labels is None else kept_labels[chosen]
+    kept_files = [files[i] for i in keep]
+    if split != "all":
+        kept_files = [kept_files[i] for i in chosen]
     source = from_arrays(images, kept_labels, class_names or None,
                          f"folder:{path}", split)
-    return dataclasses.replace(source, skipped=tuple(bad))
+    return dataclasses.replace(source, skipped=tuple(bad), paths=tuple(kept_files))
 
 
 def load(spec: str, split: str = "train", data_dir: str | None = None,
-         image_size: int | None = None, channels: int = 3,
+         image_size: int | None = None, channels: int = 0,
          download: bool = False, strict: bool = False,
          test_fraction: float = 0.2) -> Source:
     """Loads a dataset split from a spec (see the module docstring).
 
-    `image_size` and `channels` apply to folders, which need a common size;
-    other sources keep their images as they are (the model resizes).
+    `image_size` and `channels` (0: inferred) apply to folders, which need a
+    common size; other sources keep their images as they are (`conform`
+    converts them).
     For folders, splits "train"/"test" hold out `test_fraction` per class,
     the same files whatever the run's seed (`load_folder`).
     """
@@ -415,6 +473,74 @@ def load(spec: str, split: str = "train", data_dir: str | None = None,
     raise DataError(f"unknown dataset spec {spec!r}; use 'embedded', "
                     "'fashion_mnist', 'tfds:<name>[:<config>]' or "
                     "'folder:<path>'")
+
+
+def whole_split(spec: str, role: str = "train") -> str:
+    """The split a job reads when it is given `spec` for `role` ("train":
+    the images to learn from, labelled or not; "test"). A folder is used
+    whole -- or its `train/` / `test/` subfolder when it is laid out that
+    way; a named dataset (embedded, fashion_mnist, tfds:) gives that split."""
+    if spec.startswith("folder:") and not split_folders(spec[len("folder:"):]):
+        return "all"
+    return role
+
+
+def load_whole(spec: str, role: str = "train", *, data_dir: str | None = None,
+               image_size: int | None = None, channels: int = 0,
+               strict: bool = False) -> Source:
+    """`load(spec, whole_split(spec, role))`: what a job reads for a role."""
+    return load(spec, whole_split(spec, role), data_dir, image_size=image_size,
+                channels=channels, strict=strict)
+
+
+def to_memory(source: Source, image_size: int) -> Source:
+    """A streaming source read into memory, each image brought to
+    `image_size` (`square_resize`). For labelled sets and pools small
+    enough to hold in memory."""
+    if source.images is not None:
+        return source
+    images, labels = [], []
+    for image, label in source.dataset.map(
+            lambda x, y: (square_resize(x, image_size), y)).batch(256):
+        images.append(image.numpy())
+        labels.append(label.numpy())
+    return dataclasses.replace(
+        from_arrays(np.concatenate(images),
+                    np.concatenate(labels) if source.num_classes else None,
+                    source.class_names or None, source.spec, source.split),
+        dataset=None)
+
+
+def conform(source: Source, image_size: int, channels: int) -> tuple[Source, str | None]:
+    """Images brought to `image_size` x `image_size` x `channels`, as a
+    model trained on such images needs them: resized (`square_resize`) and
+    converted gray <-> RGB (luma, as `grayscale` weighs it). Returns the
+    source and a sentence saying what was converted (None if nothing)."""
+    source = to_memory(source, image_size)
+    height, width, have = source.images.shape[1:]
+    if (height, width, have) == (image_size, image_size, channels):
+        return source, None
+    images = source.images
+    if have != channels:
+        if channels == 1:
+            luma = images.astype(np.float32) @ np.array([0.2989, 0.5870, 0.1140], np.float32)
+            images = np.clip(np.round(luma), 0, 255).astype(np.uint8)[..., None]
+        else:
+            images = np.repeat(images, 3, axis=-1)
+    if (height, width) != (image_size, image_size):
+        images = np.concatenate([
+            _resize_batch(images[i:i + 512], image_size)
+            for i in range(0, len(images), 512)])
+    note = (f"{source.spec} ({source.split}): converted {source.num_examples} images from "
+            f"{height}x{width}x{have} to {image_size}x{image_size}x{channels}, as the "
+            "model was trained")
+    return dataclasses.replace(source, images=images), note
+
+
+def _resize_batch(images: np.ndarray, size: int) -> np.ndarray:
+    return tf.map_fn(lambda x: square_resize(x, size), tf.constant(images),
+                     fn_output_signature=tf.TensorSpec([size, size, images.shape[-1]],
+                                                       tf.uint8)).numpy()
 
 
 # -- label fractions -----------------------------------------------------------

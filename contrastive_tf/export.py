@@ -69,7 +69,11 @@ def encoded_image_size(data):
     jpeg = tf.cond(is_jpeg, lambda: tf.cast(tf.io.extract_jpeg_shape(data)[:2], tf.int64),
                    lambda: tf.zeros([2], tf.int64))
     candidates = [  # (condition, height, width), the first match wins
-        (tf.equal(head, b"\x89PNG"), _unsigned(data, 20, 4, True), _unsigned(data, 16, 4, True)),
+        # A PNG's size is only read from a real IHDR chunk: a PNG signature
+        # followed by garbage goes to the decoder, which refuses it.
+        (tf.logical_and(tf.equal(tf.strings.substr(data, 0, 8), b"\x89PNG\r\n\x1a\n"),
+                        tf.equal(tf.strings.substr(data, 12, 4), b"IHDR")),
+         _unsigned(data, 20, 4, True), _unsigned(data, 16, 4, True)),
         (is_jpeg, jpeg[0], jpeg[1]),
         (tf.equal(head, b"GIF8"), _unsigned(data, 8, 2), _unsigned(data, 6, 2)),
         (tf.equal(tf.strings.substr(data, 0, 2), b"BM"), bmp_height, _unsigned(data, 18, 4)),
@@ -120,7 +124,8 @@ class _Servable:
     """
 
     def __init__(self, encoder, head, classifier, image_size, channels,
-                 class_names, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS):
+                 class_names, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS, keras_copy=None):
+        self.keras_copy = keras_copy
         self.features_model = _feature_model(encoder) if encoder is not None else None
         self.head = head
         self.classifier = classifier
@@ -227,6 +232,11 @@ def _write(servable: _Servable, export_root: str, model_name: str,
     staging = os.path.join(base, f".tmp-{version}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         servable.archive().write_out(staging, verbose=False)
+        if servable.keras_copy is not None:
+            # TF Serving ignores assets.extra/; the jobs fine-tune, distil and
+            # predict from this Keras copy of the exported weights.
+            os.makedirs(os.path.join(staging, "assets.extra"), exist_ok=True)
+            servable.keras_copy.save(os.path.join(staging, KERAS_COPY))
         card = dict(card, version=int(version),
                     exported_at=datetime.datetime.now(datetime.timezone.utc).isoformat(),
                     libraries=_library_versions(),
@@ -248,6 +258,41 @@ def _write(servable: _Servable, export_root: str, model_name: str,
         if os.path.exists(staging):
             shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+KERAS_COPY = os.path.join("assets.extra", "model.keras")
+
+
+def read_card(path: str) -> dict:
+    """The model card of an export version directory."""
+    card_path = os.path.join(path, "model_card.json")
+    if not (os.path.isfile(card_path) and os.path.isfile(os.path.join(path, "saved_model.pb"))):
+        raise ExportError(f"{path} is not an export version directory (no saved_model.pb "
+                          "and model_card.json; give e.g. exports/<name>/<version>)")
+    with open(card_path) as f:
+        return json.load(f)
+
+
+def load_keras_copy(path: str) -> tuple[keras.Model, dict]:
+    """The Keras model an export was written from, and its card: for an
+    encoder a model `images -> {"h": features, "z": projection}` whose
+    layers include the encoder and head by the card's names; for a
+    classifier the classifier."""
+    card = read_card(path)
+    copy_path = os.path.join(path, KERAS_COPY)
+    if not os.path.isfile(copy_path):
+        raise ExportError(f"{path} has no Keras copy ({KERAS_COPY}): it was exported by an "
+                          "older version; export it again with experiments.export")
+    return keras.models.load_model(copy_path), card
+
+
+def _encoder_and_head(encoder: keras.Model, head) -> keras.Model:
+    inputs = keras.Input(encoder.input.shape[1:], name="images")
+    features = encoder(inputs)
+    outputs = {"h": features}
+    if head is not None:
+        outputs["z"] = head(features)
+    return keras.Model(inputs, outputs, name="encoder_and_head")
 
 
 def _sync_tree(folder: str) -> None:
@@ -339,7 +384,7 @@ def export_encoder(encoder: keras.Model, export_root: str, model_name: str, *,
     """
     size, channels = int(encoder.input.shape[1]), int(encoder.input.shape[-1])
     servable = _Servable(encoder, projection_head, None, size, channels, None,
-                         max_image_pixels)
+                         max_image_pixels, _encoder_and_head(encoder, projection_head))
     card = dict(card or {}, kind="encoder", encoder=encoder.name,
                 encoder_config=_encoder_summary(encoder),
                 projection_head=(projection_head.get_config()
@@ -359,7 +404,7 @@ def export_classifier(classifier: keras.Model, export_root: str, model_name: str
     if class_names is not None and len(class_names) != num_classes:
         raise ExportError(f"{len(class_names)} class names for {num_classes} outputs")
     servable = _Servable(None, None, classifier, size, channels, class_names,
-                         max_image_pixels)
+                         max_image_pixels, classifier)
     card = dict(card or {}, kind="classifier", classifier=classifier.name,
                 num_classes=num_classes, class_names=list(class_names or []))
     return _write(servable, export_root, model_name, version, overwrite, card)

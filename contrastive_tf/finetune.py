@@ -10,6 +10,8 @@ encoder, so the two differ only in their starting weights.
 from __future__ import annotations
 
 import dataclasses
+import os
+import time
 
 import keras
 import numpy as np
@@ -17,6 +19,7 @@ import tensorflow as tf
 
 from contrastive_tf import data, optim, precision
 from contrastive_tf.augment import SimCLRAugmenter
+from contrastive_tf.config import FinetuneConfig, claim_output_dir, read_json, write_json
 
 
 def build_classifier(encoder: keras.Model, num_classes: int,
@@ -42,7 +45,7 @@ def finetune_augmenter(image_size: int, crop_min_area: float = 0.08,
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneResult:
-    test_accuracy: float
+    test_accuracy: float | None  # None without a test set
     val_accuracy: float
     epochs_run: int
     best_epoch: int
@@ -56,7 +59,7 @@ def _trainer(classifier: keras.Model, augmenter: keras.layers.Layer) -> keras.Mo
 
 
 def train_classifier(classifier: keras.Model, train: data.Source,
-                     val: data.Source, test: data.Source, *,
+                     val: data.Source, test: data.Source | None, *,
                      epochs: int = 100, batch_size: int = 64,
                      learning_rate: float = 0.1, weight_decay: float = 1e-4,
                      optimizer: str = "sgd", patience: int = 0,
@@ -103,11 +106,12 @@ def train_classifier(classifier: keras.Model, train: data.Source,
                                             restore_best_weights=True)
     history = trainer.fit(stream, steps_per_epoch=steps, epochs=epochs,
                           validation_data=val_data, callbacks=[stopper, *(callbacks or [])],
+                          shuffle=False,
                           verbose=verbose)
     val_accuracy = history.history["val_accuracy"]
-    test_accuracy = trainer.evaluate(data.pipeline(test, 512, training=False),
-                                     verbose=0, return_dict=True)["accuracy"]
-    return FinetuneResult(test_accuracy=float(test_accuracy),
+    test_accuracy = None if test is None else float(trainer.evaluate(
+        data.pipeline(test, 512, training=False), verbose=0, return_dict=True)["accuracy"])
+    return FinetuneResult(test_accuracy=test_accuracy,
                           val_accuracy=float(max(val_accuracy)),
                           epochs_run=len(val_accuracy),
                           best_epoch=int(np.argmax(val_accuracy)) + 1)
@@ -123,3 +127,218 @@ def evaluate_classifier(classifier: keras.Model, source: data.Source) -> float:
         correct += int(tf.reduce_sum(tf.cast(
             tf.argmax(logits, -1, output_type=tf.int32) == labels, tf.int32)))
     return correct / source.num_examples
+
+
+# -- the fine-tuning job: a pretrained encoder and a labelled set you have ------
+
+class ModelSourceError(ValueError):
+    """A path given as a model is not a run or an export of the right kind."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Pretrained:
+    """A pretrained encoder (and projection head) and where it came from."""
+    encoder: keras.Model
+    head: keras.layers.Layer | None
+    source: str
+
+    @property
+    def image_size(self) -> int:
+        return int(self.encoder.input.shape[1])
+
+    @property
+    def channels(self) -> int:
+        return int(self.encoder.input.shape[-1])
+
+
+def load_pretrained(src: str) -> Pretrained:
+    """The encoder and head of a pretraining run directory (simclr.keras) or
+    of an encoder export version directory (its Keras copy)."""
+    from contrastive_tf import export
+
+    if os.path.isfile(os.path.join(src, "simclr.keras")):
+        model = keras.models.load_model(os.path.join(src, "simclr.keras"))
+        return Pretrained(model.encoder, model.projection_head, src)
+    if os.path.isfile(os.path.join(src, "model_card.json")):
+        try:
+            copy, card = export.load_keras_copy(src)
+        except export.ExportError as error:
+            raise ModelSourceError(str(error)) from None
+        if card.get("kind") != "encoder":
+            raise ModelSourceError(f"{src} is an export of a {card.get('kind')}, not of an "
+                                   "encoder; give a pretraining run or an encoder export")
+        head = card.get("projection_head")
+        return Pretrained(copy.get_layer(card["encoder"]),
+                          copy.get_layer(head["name"]) if head else None, src)
+    raise ModelSourceError(
+        f"{src} is neither a pretraining run (a folder with simclr.keras, as "
+        "experiments.pretrain writes) nor an encoder export (a version folder with "
+        "saved_model.pb and model_card.json, as experiments.export writes)")
+
+
+def load_classifier(src: str) -> tuple[keras.Model, tuple[str, ...]]:
+    """A classifier and its class names, from a fine-tuning or distillation
+    run directory (classifier.keras, class_names.json) or a classifier
+    export version directory (its Keras copy)."""
+    from contrastive_tf import export
+
+    path = os.path.join(src, "classifier.keras")
+    if os.path.isfile(path):
+        names_path = os.path.join(src, "class_names.json")
+        names = read_json(names_path) if os.path.exists(names_path) else None
+        classifier = keras.models.load_model(path)
+        count = int(classifier.output.shape[-1])
+        return classifier, tuple(names or (str(i) for i in range(count)))
+    if os.path.isfile(os.path.join(src, "model_card.json")):
+        try:
+            copy, card = export.load_keras_copy(src)
+        except export.ExportError as error:
+            raise ModelSourceError(str(error)) from None
+        if card.get("kind") != "classifier":
+            raise ModelSourceError(f"{src} is an export of an {card.get('kind')}, not of a "
+                                   "classifier; give a fine-tuning run or a classifier export")
+        count = int(copy.output.shape[-1])
+        return copy, tuple(card.get("class_names") or (str(i) for i in range(count)))
+    if os.path.isfile(os.path.join(src, "simclr.keras")):
+        raise ModelSourceError(f"{src} is a pretraining run, not a classifier: fine-tune it "
+                               "first (experiments.finetune)")
+    raise ModelSourceError(
+        f"{src} is neither a fine-tuning / distillation run (a folder with "
+        "classifier.keras) nor a classifier export (a version folder with saved_model.pb "
+        "and model_card.json)")
+
+
+def validation_split(source: data.Source, fraction: float,
+                     seed: int = 0) -> tuple[data.Source, data.Source, str]:
+    """Carves a class-balanced validation part out of a labelled set, for
+    model selection: round(fraction x n) images of each class, at least one,
+    and at least one left to train on. Returns (train, val, a sentence
+    saying what was done)."""
+    if not source.labelled:
+        raise data.DataError(f"{source.spec}: fine-tuning needs labels (class subfolders)")
+    if not 0 < fraction < 1:
+        raise ValueError(f"Expected 0 < val_fraction < 1. Received: val_fraction={fraction}")
+    counts = np.bincount(source.labels, minlength=source.num_classes)
+    few = [f"{source.class_names[c]!r} ({counts[c]})" for c in range(source.num_classes)
+           if counts[c] < 2]
+    if few:
+        raise data.DataError(
+            f"{source.spec}: every class needs at least 2 labelled images (one to train on, "
+            f"one to validate); these have fewer: {', '.join(few)}")
+    rng = np.random.RandomState(seed)
+    val_index = []
+    for label in range(source.num_classes):
+        members = np.flatnonzero(source.labels == label)
+        take = min(max(1, int(round(fraction * len(members)))), len(members) - 1)
+        val_index.append(rng.permutation(members)[:take])
+    val_index = np.sort(np.concatenate(val_index))
+    train_index = np.setdiff1d(np.arange(source.num_examples), val_index)
+    per_class = np.bincount(source.labels[val_index], minlength=source.num_classes)
+    note = (f"validation: {len(val_index)} of the {source.num_examples} labelled images "
+            f"({per_class.min()}-{per_class.max()} per class), training: {len(train_index)}")
+    if counts.min() * fraction < 1:
+        note += (f"; with only {counts.min()} images in the smallest class, val_fraction="
+                 f"{fraction:g} rounds to one validation image per class")
+    return source.subset(train_index), source.subset(val_index), note
+
+
+def match_classes(source: data.Source, class_names: tuple[str, ...]) -> data.Source:
+    """`source` with its labels renumbered to `class_names` (by name); a
+    class the model does not know is an error naming it."""
+    if not source.labelled:
+        raise data.DataError(f"{source.spec}: an evaluation set needs labels (class "
+                             "subfolders)")
+    if tuple(source.class_names) == tuple(class_names):
+        return source
+    unknown = sorted(set(source.class_names) - set(class_names))
+    if unknown:
+        raise data.DataError(
+            f"{source.spec}: classes {unknown} are not among the labelled set's "
+            f"{list(class_names)}")
+    mapping = np.array([class_names.index(name) for name in source.class_names], np.int32)
+    return dataclasses.replace(source, labels=mapping[source.labels],
+                               class_names=tuple(class_names))
+
+
+def save_classifier(classifier: keras.Model, class_names, folder: str) -> None:
+    """classifier.keras and class_names.json in `folder`, each written
+    atomically."""
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, "classifier.tmp.keras")
+    classifier.save(tmp)
+    os.replace(tmp, os.path.join(folder, "classifier.keras"))
+    write_json(os.path.join(folder, "class_names.json"), list(class_names))
+
+
+def load_labelled(spec: str, role: str, size: int, channels: int,
+                  data_dir: str | None = None, say=print) -> data.Source:
+    """A labelled set a job was given, whole, as a model of `size` x `size`
+    x `channels` images needs it (converted, and said so)."""
+    source = data.load_whole(spec, role, data_dir=data_dir, image_size=size,
+                             channels=channels)
+    source, note = data.conform(source, size, channels)
+    if note:
+        say(note)
+    if not source.labelled:
+        raise data.DataError(f"{spec}: needs labels (a folder with one subfolder per class, "
+                             "or a labelled dataset)")
+    return source
+
+
+def run_finetune(config: FinetuneConfig, verbose: int = 1) -> dict:
+    """The fine-tuning job: every labelled image given (or a class-balanced
+    subset), a validation part carved out for model selection, the
+    pipeline's recipe; writes classifier.keras, class_names.json and
+    summary.json into `config.output_dir`."""
+    started = time.time()
+    say = (lambda m: print(f"[finetune] {m}", flush=True)) if verbose else (lambda m: None)
+    claim_output_dir(config.output_dir, "finetune", config.to_dict())
+    pretrained = load_pretrained(config.encoder)
+    size, channels = pretrained.image_size, pretrained.channels
+    labelled = load_labelled(config.dataset, "train", size, channels, config.data_dir, say)
+    if config.labels_per_class or config.label_fraction:
+        chosen = data.class_balanced_indices(
+            labelled.labels, fraction=config.label_fraction or None,
+            per_class=config.labels_per_class or None, seed=config.seed)
+        data.write_indices(os.path.join(config.output_dir, "labelled_subset.json"), chosen,
+                           dataset=config.dataset, seed=config.seed,
+                           labels_per_class=config.labels_per_class,
+                           label_fraction=config.label_fraction)
+        say(f"kept a class-balanced subset of {len(chosen)} of the {labelled.num_examples} "
+            "labelled images (labelled_subset.json)")
+        labelled = labelled.subset(chosen)
+    train, val, note = validation_split(labelled, config.val_fraction, config.seed)
+    say(f"{config.dataset}: {labelled.num_examples} labelled images, "
+        f"{labelled.num_classes} classes; {note}")
+    test = None
+    if config.test_dataset:
+        test = match_classes(load_labelled(config.test_dataset, "test", size, channels,
+                                           config.data_dir, say), labelled.class_names)
+    head = pretrained.head if config.from_layer == "head" else None
+    keras.utils.set_random_seed(config.seed)
+    classifier = build_classifier(pretrained.encoder, labelled.num_classes, head)
+    policy = precision.precision_of(classifier)
+    say(f"fine-tuning {config.encoder} from "
+        f"{'its head layer ' + str(head.ft_layer) if head is not None and head.ft_layer else 'h'}"
+        f" for {config.epochs} epochs in {policy}")
+    result = train_classifier(
+        classifier, train, val, test, epochs=config.epochs, batch_size=config.batch_size,
+        learning_rate=config.learning_rate, weight_decay=config.weight_decay,
+        crop_min_area=config.crop_min_area, min_steps=config.min_steps, seed=config.seed,
+        policy=policy, verbose=2 if verbose else 0)
+    save_classifier(classifier, labelled.class_names, config.output_dir)
+    summary = {"job": "finetune", "encoder": config.encoder, "dataset": config.dataset,
+               "num_labelled": labelled.num_examples, "num_train": train.num_examples,
+               "num_val": val.num_examples, "num_classes": labelled.num_classes,
+               "val_accuracy": result.val_accuracy, "best_epoch": result.best_epoch,
+               "epochs_run": result.epochs_run, "precision": policy,
+               "wall_s": round(time.time() - started, 1)}
+    if test is not None:
+        summary.update(test_accuracy=result.test_accuracy, num_test=test.num_examples,
+                       test_dataset=config.test_dataset)
+    write_json(os.path.join(config.output_dir, "summary.json"), summary)
+    shown = f", test {result.test_accuracy:.4f}" if test is not None else ""
+    say(f"done: validation {result.val_accuracy:.4f} (best epoch {result.best_epoch}/"
+        f"{result.epochs_run}){shown}; classifier.keras, class_names.json and summary.json "
+        f"in {config.output_dir} ({summary['wall_s']} s)")
+    return summary

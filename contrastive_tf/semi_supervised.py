@@ -21,10 +21,10 @@ import time
 import keras
 import numpy as np
 
-from contrastive_tf import data, evaluation, export, finetune, optim, precision, training
+from contrastive_tf import (data, distill, evaluation, export, finetune, precision,
+                            training)
 from contrastive_tf.backbones import resnet
 from contrastive_tf.config import PipelineConfig, write_json
-from contrastive_tf.distill import Distiller
 from contrastive_tf.heads import ProjectionHead
 
 METHODS = ("linear_probe", "knn", "simclr_finetune", "supervised_baseline",
@@ -33,10 +33,6 @@ METHODS = ("linear_probe", "knn", "simclr_finetune", "supervised_baseline",
 
 def _say(message: str) -> None:
     print(f"[pipeline] {message}", flush=True)
-
-
-def _fraction_key(fraction: float) -> str:
-    return repr(float(fraction))
 
 
 def fresh_encoder_and_head(config, base_width=None):
@@ -61,20 +57,13 @@ def pretrained_encoder_and_head(config):
     return model.encoder, (model.projection_head if config.ft_layer > 0 else None)
 
 
-def _save_classifier(classifier, class_names, folder):
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, "classifier.tmp.keras")
-    classifier.save(tmp)
-    os.replace(tmp, os.path.join(folder, "classifier.keras"))
-    write_json(os.path.join(folder, "class_names.json"), list(class_names))
-
-
 @dataclasses.dataclass(frozen=True)
 class Splits:
-    """The pipeline's data: `val` (for model selection) and `pool` (the rest)
-    are disjoint parts of the training split; `subsets[f]` is a class-balanced
-    labelled fraction f of the whole training split drawn from `pool`, whose
-    positions in `pool` are `chosen[f]`; `subsets[1.0]` is `pool`."""
+    """The benchmark protocol's data: `val` (for model selection) and `pool`
+    (the rest) are disjoint parts of the training split; `subsets[f]` is a
+    class-balanced labelled fraction f of the whole training split drawn
+    from `pool`, whose positions in `pool` are `chosen[f]`; `subsets[1.0]` is
+    `pool`."""
     full: data.Source
     test: data.Source
     val: data.Source
@@ -84,17 +73,20 @@ class Splits:
     subsets: dict
 
 
-def labelled_splits(config: PipelineConfig) -> Splits:
-    """The validation split and labelled subsets every stage uses, drawn
-    from `config.seed` (the same for a given config, run after run)."""
+def labelled_splits(config: PipelineConfig, draw: int = 0) -> Splits:
+    """The validation split and labelled subsets of `config.pretrain.dataset`
+    (the benchmark protocol). The validation split depends on `config.seed`
+    only; the labelled subsets are draw `draw` (seed `config.seed + draw`),
+    so label draws differ while model selection stays the same."""
     pre = config.pretrain
-    full = data.load(pre.dataset, pre.train_split, pre.data_dir,
+    full = data.load(pre.dataset, pre.train_split or "train", pre.data_dir,
                      image_size=pre.image_size, channels=pre.channels)
-    test = data.load(pre.dataset, pre.eval_split, pre.data_dir, image_size=pre.image_size,
-                     channels=full.image_shape[-1])
+    test = data.load(pre.dataset, pre.eval_split or "test", pre.data_dir,
+                     image_size=pre.image_size, channels=full.image_shape[-1])
     if not full.labelled:
         raise data.DataError(f"{pre.dataset}: the pipeline needs labels for its "
-                             "labelled subsets and evaluation")
+                             "labelled subsets and evaluation (or give --labelled_dataset "
+                             "and --test_dataset)")
     val_index = data.class_balanced_indices(full.labels, config.val_fraction,
                                             seed=config.seed + 1)
     pool_index = np.setdiff1d(np.arange(full.num_examples), val_index)
@@ -103,98 +95,256 @@ def labelled_splits(config: PipelineConfig) -> Splits:
     for fraction in config.fractions:
         per_class = max(1, int(round(fraction * full.num_examples / full.num_classes)))
         chosen[fraction] = data.class_balanced_indices(pool.labels, per_class=per_class,
-                                                       seed=config.seed)
+                                                       seed=config.seed + draw)
         subsets[fraction] = pool.subset(chosen[fraction])
     subsets[1.0] = pool
     return Splits(full, test, val, pool, pool_index, chosen, subsets)
 
 
+@dataclasses.dataclass(frozen=True)
+class PipelineData:
+    """What the stages after pretraining train and evaluate on.
+
+    `columns` are the table's columns: label fractions (the benchmark
+    protocol) or one "<n> labels" column (your own labelled set);
+    `draws[k][column]` is the labelled training set of label draw k;
+    `val` selects models, `test` reports; `pool` is distilled on (its labels
+    unused); `probe_all`, if set, is the labelled set of the 100% probe
+    column."""
+    columns: tuple
+    draws: tuple
+    val: data.Source
+    test: data.Source
+    pool: data.Source
+    probe_all: data.Source | None
+    class_names: tuple
+
+
+def _column_key(column) -> str:
+    return repr(float(column)) if isinstance(column, float) else str(column)
+
+
+def prepare_data(config: PipelineConfig, pre, size: int, channels: int) -> PipelineData:
+    """The labelled draws, validation, test and unlabelled pool; writes the
+    labelled subsets of the benchmark protocol to labelled_<f>[_draw<k>].json."""
+    out = config.output_dir
+    if config.labelled_dataset:
+        labelled = finetune.load_labelled(config.labelled_dataset, "train", size, channels,
+                                          pre.data_dir, say=_say)
+        train, val, note = finetune.validation_split(labelled, config.val_fraction,
+                                                     config.seed)
+        test = finetune.match_classes(finetune.load_labelled(
+            config.test_dataset, "test", size, channels, pre.data_dir, say=_say),
+            labelled.class_names)
+        pool, converted = data.conform(data.load_whole(
+            pre.dataset, "train", data_dir=pre.data_dir, image_size=size,
+            channels=channels), size, channels)
+        column = f"{labelled.num_examples} labels"
+        _say(f"data: {labelled.num_examples} labelled images ({labelled.num_classes} "
+             f"classes; {note}), {test.num_examples} test, {pool.num_examples} unlabelled")
+        return PipelineData((column,), ({column: train},), val, test, pool, None,
+                            labelled.class_names)
+    draws = []
+    for draw in range(config.label_seeds):
+        splits = labelled_splits(config, draw)
+        for fraction in config.fractions:
+            suffix = f"_draw{draw}" if draw else ""
+            data.write_indices(os.path.join(out, f"labelled_{fraction}{suffix}.json"),
+                               splits.pool_index[splits.chosen[fraction]], fraction=fraction,
+                               seed=config.seed + draw, dataset=config.pretrain.dataset,
+                               split=config.pretrain.train_split or "train")
+        draws.append({fraction: splits.subsets[fraction] for fraction in config.fractions})
+    pool = splits.pool
+    if config.unlabelled_dataset:
+        pool, _ = data.conform(data.load_whole(
+            config.unlabelled_dataset, "train", data_dir=pre.data_dir, image_size=size,
+            channels=channels), size, channels)
+    _say(f"data: {splits.pool.num_examples} training images ({splits.full.num_classes} "
+         f"classes), {splits.val.num_examples} validation, {splits.test.num_examples} test; "
+         "labelled subsets " + ", ".join(f"{f:g}: {splits.subsets[f].num_examples}"
+                                         for f in config.fractions)
+         + (f" ({config.label_seeds} draws)" if config.label_seeds > 1 else "")
+         + (f"; unlabelled pool {pool.num_examples} images of {config.unlabelled_dataset}"
+            if config.unlabelled_dataset else ""))
+    return PipelineData(tuple(config.fractions), tuple(draws), splits.val, splits.test, pool,
+                        splits.pool, splits.full.class_names)
+
+
+class Results:
+    """Test accuracies per method and column, one value per label draw."""
+
+    def __init__(self):
+        self.values = {method: {} for method in METHODS}
+
+    def add(self, method: str, column, value: float) -> None:
+        self.values[method].setdefault(_column_key(column), []).append(float(value))
+
+    def means(self) -> dict:
+        return {method: {key: float(np.mean(v)) for key, v in columns.items()}
+                for method, columns in self.values.items()}
+
+    def spread(self) -> dict:
+        return {method: {key: {"mean": float(np.mean(v)), "std": float(np.std(v)),
+                               "values": v} for key, v in columns.items()}
+                for method, columns in self.values.items()}
+
+
+def probe_stage(model, pdata: PipelineData, config: PipelineConfig, pre,
+                results: Results) -> tuple:
+    """Linear probe and kNN on frozen features for every column and draw;
+    returns the (bank images, labels, features) and test features for the
+    pictures."""
+    def encode(images):
+        return evaluation.embed(lambda x: model(x, training=False), images)
+
+    test = pdata.test
+    test_features = encode(test.images)
+    sets = [(column, draw[column]) for draw in pdata.draws for column in pdata.columns]
+    if pdata.probe_all is not None:
+        sets.append((1.0, pdata.probe_all))
+    bank = None
+    for column, labelled in sets:
+        features = encode(labelled.images)
+        linear = evaluation.linear_probe(features, labelled.labels, test_features,
+                                         test.labels, len(pdata.class_names),
+                                         steps=config.probe_steps, seed=config.seed)
+        knn = evaluation.knn_accuracy(features, labelled.labels, test_features, test.labels,
+                                      len(pdata.class_names),
+                                      k=min(config.knn_k, labelled.num_examples),
+                                      temperature=pre.knn_temperature)
+        results.add("linear_probe", column, linear)
+        results.add("knn", column, knn)
+        _say(f"   {_column_name(column)}: linear {linear:.4f}, kNN {knn:.4f}")
+        if bank is None or labelled.num_examples > bank[0].num_examples:
+            bank = (labelled, features)
+    return bank, test_features
+
+
+def _column_name(column) -> str:
+    return f"{column:g} labels" if isinstance(column, float) else str(column)
+
+
+def classifier_stage(method: str, make_parts, pdata: PipelineData, config: PipelineConfig,
+                     pre, epochs: int, learning_rate: float, results: Results) -> list:
+    """One classifier per labelled set of every draw, built by `make_parts`
+    and trained by `finetune.train_classifier`; returns [draw][column]."""
+    trained = []
+    for draw, sets in enumerate(pdata.draws):
+        classifiers = {}
+        for column in pdata.columns:
+            encoder, head = make_parts()
+            classifier = finetune.build_classifier(
+                encoder, len(pdata.class_names), head,
+                name=f"{method}_{_column_key(column).replace(' ', '_')}")
+            result = finetune.train_classifier(
+                classifier, sets[column], pdata.val, pdata.test, epochs=epochs,
+                learning_rate=learning_rate, batch_size=config.finetune_batch_size,
+                patience=config.patience, crop_min_area=config.finetune_crop_min_area,
+                min_steps=config.finetune_min_steps, seed=config.seed, policy=pre.precision)
+            results.add(method, column, result.test_accuracy)
+            _say(f"   {_column_name(column)}{f' (draw {draw})' if len(pdata.draws) > 1 else ''}"
+                 f": test {result.test_accuracy:.4f} (val {result.val_accuracy:.4f}, best "
+                 f"epoch {result.best_epoch}/{result.epochs_run})")
+            classifiers[column] = classifier
+        trained.append(classifiers)
+    return trained
+
+
+def distill_stage(config: PipelineConfig, pre, teachers: list, pdata: PipelineData,
+                  columns, results: Results) -> list:
+    """A student for each teacher of `columns` in every draw; [draw][column]."""
+    students = []
+    for draw, draw_teachers in enumerate(teachers):
+        students.append({})
+        for column in columns:
+            _say(f"5/6 distilling the {_column_name(column)} teacher"
+                 f"{f' of draw {draw}' if len(teachers) > 1 else ''} into a student on "
+                 f"{pdata.pool.num_examples} images (no labels)")
+            student = distill_student(config, pre, draw_teachers[column], pdata.pool)
+            accuracy = finetune.evaluate_classifier(student, pdata.test)
+            results.add("distilled_student", column, accuracy)
+            _say(f"   student test {accuracy:.4f}")
+            students[-1][column] = student
+    return students
+
+
+def export_stage(out: str, pre, teacher, student, class_names, card: dict) -> dict:
+    """Encoder, classifier and student for TF Serving under out/exports."""
+    root = os.path.join(out, "exports")
+    model = keras.models.load_model(os.path.join(pre.model_dir, "simclr.keras"))
+    return {
+        "encoder": export.export_encoder(model.encoder, root, "simclr_encoder",
+                                         projection_head=model.projection_head,
+                                         overwrite=True, version=1, card=card),
+        "classifier": export.export_classifier(
+            teacher, root, "simclr_classifier", class_names=class_names, version=1,
+            overwrite=True, card=dict(card, test_accuracy=card.get("teacher_accuracy"))),
+        "student": export.export_classifier(
+            student, root, "distilled_student", class_names=class_names, version=1,
+            overwrite=True, card=dict(card, test_accuracy=card.get("student_accuracy"))),
+    }
+
+
+def report_stage(out: str, results: Results, report: dict, title: str) -> dict:
+    """results.json, results.md and label_efficiency.png; prints the table."""
+    means = results.means()
+    report = dict(means, **report, spread=results.spread())
+    write_json(os.path.join(out, "results.json"), report)
+    table = results_table(means, results.spread())
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(f"# {title} (test accuracy)\n\n{table}\n")
+    plot_label_efficiency(means, os.path.join(out, "label_efficiency.png"), title=title,
+                          spread=results.spread())
+    print("\n" + table + "\n", flush=True)
+    return report
+
+
+def pipeline_pretrain_config(config: PipelineConfig):
+    """The pretraining stage's config: on the unlabelled images (a folder
+    whole) when the user gives their own sets; otherwise on the training
+    split of the labelled dataset (a folder's fixed 80% part), never on its
+    test images. "auto" precision is resolved here, once, for every stage."""
+    pre = config.pretrain
+    if config.unlabelled_dataset or config.labelled_dataset:
+        if config.unlabelled_dataset:
+            pre = dataclasses.replace(pre, dataset=config.unlabelled_dataset,
+                                      train_split="", eval_split="")
+    else:
+        pre = dataclasses.replace(pre, train_split=pre.train_split or "train",
+                                  eval_split=pre.eval_split or "test")
+    return dataclasses.replace(pre, precision=precision.resolve(pre.precision).policy)
+
+
 def run_pipeline(config: PipelineConfig) -> dict:
-    """Runs every stage and writes the results; returns results.json's dict."""
+    """Runs every stage and writes the results; returns results.json's dict.
+
+    pretrain -> data -> linear probe / kNN -> fine-tune -> supervised
+    baseline -> distil -> export -> report."""
     started = time.time()
     out = config.output_dir
     os.makedirs(out, exist_ok=True)
     write_json(os.path.join(out, "pipeline_config.json"), config.to_dict())
     timings = {}
-    # One precision for every stage: "auto" is resolved here, once.
-    pre = dataclasses.replace(config.pretrain,
-                              precision=precision.resolve(config.pretrain.precision).policy)
+    pre = pipeline_pretrain_config(config)
 
-    # 1. Pretraining, without labels.
     _say(f"1/6 pretraining SimCLR on {pre.dataset} ({pre.epochs} epochs)")
     t0 = time.time()
-    pretrain_dir = pre.model_dir
     summary = training.pretrain(pre)
     timings["pretrain_s"] = round(time.time() - t0, 1)
+    model = keras.models.load_model(os.path.join(pre.model_dir, "simclr.keras"))
+    size, channels = int(model.encoder.input.shape[1]), int(model.encoder.input.shape[-1])
+    pre = dataclasses.replace(pre, channels=channels)
+    labelled_config = dataclasses.replace(config, pretrain=dataclasses.replace(
+        config.pretrain, channels=channels))
+    pdata = prepare_data(labelled_config, pre, size, channels)
+    results = Results()
 
-    splits = labelled_splits(config)
-    full, test, val, pool, pool_index, subsets = (
-        splits.full, splits.test, splits.val, splits.pool, splits.pool_index, splits.subsets)
-    pre = dataclasses.replace(pre, channels=full.image_shape[-1])
-    for fraction in config.fractions:
-        data.write_indices(os.path.join(out, f"labelled_{fraction}.json"),
-                           pool_index[splits.chosen[fraction]], fraction=fraction,
-                           seed=config.seed, dataset=pre.dataset, split=pre.train_split)
-    _say(f"data: {pool.num_examples} training images ({full.num_classes} classes), "
-         f"{val.num_examples} validation, {test.num_examples} test; labelled subsets "
-         + ", ".join(f"{f:g}: {subsets[f].num_examples}" for f in config.fractions))
-
-    results = {method: {} for method in METHODS}
-
-    def load_pretrained():
-        return keras.models.load_model(os.path.join(pretrain_dir, "simclr.keras"))
-
-    # 2. Linear probe and kNN on frozen features.
     _say("2/6 linear probe and kNN on frozen features")
     t0 = time.time()
-    model = load_pretrained()
-
-    def encode(source):
-        return evaluation.embed(lambda x: model(x, training=False), source.images)
-
-    test_features = encode(test)
-    pool_features = encode(pool)
-    position = {int(i): n for n, i in enumerate(pool_index)}
-    for fraction in [*config.fractions, 1.0]:
-        if fraction == 1.0:
-            rows = np.arange(pool.num_examples)
-        else:
-            rows = np.array([position[int(i)] for i in json.load(open(
-                os.path.join(out, f"labelled_{fraction}.json")))["indices"]])
-        labels = pool.labels[rows]
-        key = _fraction_key(fraction)
-        results["linear_probe"][key] = evaluation.linear_probe(
-            pool_features[rows], labels, test_features, test.labels,
-            full.num_classes, steps=config.probe_steps, seed=config.seed)
-        results["knn"][key] = evaluation.knn_accuracy(
-            pool_features[rows], labels, test_features, test.labels, full.num_classes,
-            k=min(config.knn_k, len(rows)), temperature=pre.knn_temperature)
-        _say(f"   {fraction:g} labels: linear {results['linear_probe'][key]:.4f}, "
-             f"kNN {results['knn'][key]:.4f}")
+    (bank, bank_features), test_features = probe_stage(model, pdata, config, pre, results)
     timings["probe_s"] = round(time.time() - t0, 1)
-    _pictures(out, pretrain_dir, model, pool, pool_features, test, test_features, config)
-
-    finetune_args = dict(batch_size=config.finetune_batch_size,
-                         patience=config.patience, crop_min_area=config.finetune_crop_min_area,
-                         min_steps=config.finetune_min_steps, seed=config.seed,
-                         policy=pre.precision)
-
-    def train_on_subsets(method, make_parts, epochs, learning_rate):
-        """Trains one classifier per labelled fraction; returns them by fraction."""
-        classifiers = {}
-        for fraction in config.fractions:
-            encoder, head = make_parts()
-            classifier = finetune.build_classifier(encoder, full.num_classes, head,
-                                                   name=f"{method}_{fraction:g}")
-            result = finetune.train_classifier(
-                classifier, subsets[fraction], val, test, epochs=epochs,
-                learning_rate=learning_rate, **finetune_args)
-            results[method][_fraction_key(fraction)] = result.test_accuracy
-            _say(f"   {fraction:g} labels: test {result.test_accuracy:.4f} (val "
-                 f"{result.val_accuracy:.4f}, best epoch {result.best_epoch}/"
-                 f"{result.epochs_run})")
-            classifiers[fraction] = classifier
-        return classifiers
+    _pictures(out, pre.model_dir, model, bank, bank_features, pdata.test, test_features,
+              config)
 
     def pretrained_parts():
         # Seeded, so the new classifier layer starts the same in every run
@@ -206,72 +356,45 @@ def run_pipeline(config: PipelineConfig) -> dict:
         keras.utils.set_random_seed(config.seed)
         return fresh_encoder_and_head(pre)
 
-    # 3. Fine-tuning from the pretrained encoder (and first head layer).
-    _say("3/6 fine-tuning the pretrained encoder on the labelled subsets")
+    _say("3/6 fine-tuning the pretrained encoder on the labelled images")
     t0 = time.time()
-    teachers = train_on_subsets("simclr_finetune", pretrained_parts, config.finetune_epochs,
-                                config.finetune_learning_rate)
-    exported = config.exported_fraction
-    for fraction in config.teacher_fractions:
-        _save_classifier(teachers[fraction], full.class_names,
-                         os.path.join(out, f"finetune_{fraction:g}"))
+    teachers = classifier_stage("simclr_finetune", pretrained_parts, pdata, config, pre,
+                                config.finetune_epochs, config.finetune_learning_rate, results)
+    fractions = pdata.columns if config.labelled_dataset else config.teacher_fractions
+    exported = pdata.columns[0] if config.labelled_dataset else config.exported_fraction
+    for column in fractions:
+        folder = f"finetune_{column:g}" if isinstance(column, float) else "finetune"
+        finetune.save_classifier(teachers[0][column], pdata.class_names,
+                                 os.path.join(out, folder))
     timings["finetune_s"] = round(time.time() - t0, 1)
 
-    # 4. Supervised baseline: same architecture, same labels, from scratch.
-    _say("4/6 supervised baseline from scratch on the same labelled subsets")
+    _say("4/6 supervised baseline from scratch on the same labelled images")
     t0 = time.time()
-    train_on_subsets("supervised_baseline", fresh_parts, config.supervised_epochs,
-                     config.supervised_learning_rate)
+    classifier_stage("supervised_baseline", fresh_parts, pdata, config, pre,
+                     config.supervised_epochs, config.supervised_learning_rate, results)
     timings["supervised_s"] = round(time.time() - t0, 1)
 
-    # 5. Distillation of each teacher into a student on all training images.
     t0 = time.time()
-    students = {}
-    for fraction in config.teacher_fractions:
-        _say(f"5/6 distilling the {fraction:g}-label teacher into a student on all "
-             "training images (no labels)")
-        students[fraction] = distill_student(config, pre, teachers[fraction], pool)
-        key = _fraction_key(fraction)
-        results["distilled_student"][key] = finetune.evaluate_classifier(students[fraction],
-                                                                         test)
-        _say(f"   student test {results['distilled_student'][key]:.4f} "
-             f"(teacher {results['simclr_finetune'][key]:.4f})")
-    teacher, student = teachers[exported], students[exported]
-    teacher_accuracy = results["simclr_finetune"][_fraction_key(exported)]
-    student_accuracy = results["distilled_student"][_fraction_key(exported)]
-    _save_classifier(student, full.class_names, os.path.join(out, "student"))
+    students = distill_stage(config, pre, teachers, pdata, fractions, results)
+    finetune.save_classifier(students[0][exported], pdata.class_names,
+                             os.path.join(out, "student"))
     timings["distill_s"] = round(time.time() - t0, 1)
 
-    # 6. Exports for TF Serving.
     _say("6/6 exporting encoder, classifier and student")
-    exports_root = os.path.join(out, "exports")
-    model = load_pretrained()
-    card = {"training_data": pre.dataset, "pretrain_summary": summary.get("metrics")}
-    paths = {
-        "encoder": export.export_encoder(model.encoder, exports_root, "simclr_encoder",
-                                         projection_head=model.projection_head,
-                                         overwrite=True, version=1, card=card),
-        "classifier": export.export_classifier(
-            teacher, exports_root, "simclr_classifier", class_names=full.class_names,
-            version=1, overwrite=True,
-            card=dict(card, labelled_fraction=exported,
-                      test_accuracy=teacher_accuracy)),
-        "student": export.export_classifier(
-            student, exports_root, "distilled_student", class_names=full.class_names,
-            version=1, overwrite=True, card=dict(card, test_accuracy=student_accuracy)),
-    }
+    key = _column_key(exported)
+    means = results.means()
+    card = {"training_data": pre.dataset, "pretrain_summary": summary.get("metrics"),
+            "labelled": _column_name(exported),
+            "teacher_accuracy": means["simclr_finetune"][key],
+            "student_accuracy": means["distilled_student"][key]}
+    paths = export_stage(out, pre, teachers[0][exported], students[0][exported],
+                         pdata.class_names, card)
 
-    report = dict(results)
-    report.update({"config": config.to_dict(), "wall_s": round(time.time() - started, 1),
-                   "timings": timings, "exports": paths,
-                   "pretrain_summary": summary})
-    write_json(os.path.join(out, "results.json"), report)
-    table = results_table(results)
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(f"# Label efficiency on {pre.dataset} (test accuracy)\n\n{table}\n")
-    plot_label_efficiency(results, os.path.join(out, "label_efficiency.png"),
-                          title=f"{pre.dataset}: test accuracy vs labelled fraction")
-    print("\n" + table + "\n", flush=True)
+    title = (f"{config.labelled_dataset} with {pre.dataset} unlabelled"
+             if config.labelled_dataset else f"Label efficiency on {config.pretrain.dataset}")
+    report = report_stage(out, results, {
+        "config": config.to_dict(), "wall_s": round(time.time() - started, 1),
+        "timings": timings, "exports": paths, "pretrain_summary": summary}, title)
     _say(f"done in {report['wall_s']} s; results.json, results.md and "
          f"label_efficiency.png are in {out}")
     return report
@@ -293,21 +416,11 @@ def distill_student(config: PipelineConfig, pre, teacher: keras.Model,
         encoder, head = fresh_encoder_and_head(pre, config.student_base_width or None)
     student = finetune.build_classifier(encoder, teacher.output.shape[-1], head,
                                         name="student")
-    with precision.policy_scope(pre.precision):
-        distiller = Distiller(teacher, student,
-                              finetune.finetune_augmenter(pre.image_size,
-                                                          config.finetune_crop_min_area,
-                                                          config.seed),
-                              temperature=config.distill_temperature)
-    epochs = epochs or config.distill_epochs
-    steps = max(pool.num_examples // pre.batch_size, 1)
-    optimizer = optim.make_optimizer(
-        "sgd", optim.WarmupCosine(config.distill_learning_rate, steps, steps * epochs), 1e-4)
-    optim.exclude_from_decay(optimizer, student.trainable_variables)
-    distiller.compile(optimizer=precision.loss_scaled(optimizer, pre.precision))
-    unlabelled = dataclasses.replace(pool, labels=None)
-    distiller.fit(data.training_stream(unlabelled, pre.batch_size, seed=config.seed),
-                  steps_per_epoch=steps, epochs=epochs, verbose=2, callbacks=callbacks)
+    distill.distill(teacher, student, pool, epochs=epochs or config.distill_epochs,
+                    batch_size=pre.batch_size, learning_rate=config.distill_learning_rate,
+                    temperature=config.distill_temperature,
+                    crop_min_area=config.finetune_crop_min_area, policy=pre.precision,
+                    seed=config.seed, callbacks=callbacks)
     return student
 
 
@@ -329,20 +442,52 @@ def _pictures(out, pretrain_dir, model, pool, pool_features, test, test_features
                             os.path.join(out, "embedding_map.png"))
 
 
-def results_table(results: dict) -> str:
-    """A Markdown table: one row per method, one column per label fraction."""
-    fractions = sorted({float(k) for method in results.values() for k in method})
-    header = "| method | " + " | ".join(f"{f:.0%} labels" for f in fractions) + " |"
-    lines = [header, "|---|" + "---|" * len(fractions)]
+def _ordered_columns(results: dict) -> list[str]:
+    """Column keys: label fractions in ascending order, then label counts."""
+    keys = {k for method in results.values() for k in method}
+
+    def order(key):
+        try:
+            return (0, float(key), key)
+        except ValueError:
+            return (1, 0.0, key)
+    return sorted(keys, key=order)
+
+
+def _column_header(key: str) -> str:
+    try:
+        return f"{float(key):.0%} labels"
+    except ValueError:
+        return key
+
+
+def results_table(results: dict, spread: dict | None = None) -> str:
+    """A Markdown table: one row per method, one column per label fraction
+    (or labelled count); with `spread` over several label draws, each cell
+    is the mean ± the standard deviation (in points)."""
+    columns = _ordered_columns(results)
+    header = "| method | " + " | ".join(_column_header(k) for k in columns) + " |"
+    lines = [header, "|---|" + "---|" * len(columns)]
     for method in METHODS:
-        cells = [f"{results[method][_fraction_key(f)]:.2%}" if _fraction_key(f) in results[method]
-                 else "" for f in fractions]
+        cells = []
+        for key in columns:
+            if key not in results.get(method, {}):
+                cells.append("")
+                continue
+            cell = f"{results[method][key]:.2%}"
+            draws = (spread or {}).get(method, {}).get(key)
+            if draws and len(draws["values"]) > 1:
+                cell += f" ± {100 * draws['std']:.2f}"
+            cells.append(cell)
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot_label_efficiency(results: dict, path: str, title: str) -> None:
-    """Accuracy against labelled fraction (log axis) for each method."""
+def plot_label_efficiency(results: dict, path: str, title: str,
+                          spread: dict | None = None) -> None:
+    """Accuracy against labelled fraction (log axis) for each method, with
+    the standard deviation over label draws as error bars when given. A
+    labelled count ("<n> labels") is placed at n on the axis."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -353,14 +498,24 @@ def plot_label_efficiency(results: dict, path: str, title: str) -> None:
               "knn": ("SimCLR kNN", "v:", "tab:olive"),
               "distilled_student": ("distilled student", "*", "tab:red")}
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+
+    def position(key):
+        try:
+            return float(key)
+        except ValueError:
+            return float(key.split()[0])
+
+    counts = any(not k.replace(".", "").isdigit() for m in results.values() for k in m)
     for method, (label, style, colour) in styles.items():
-        points = sorted((float(k), v) for k, v in results.get(method, {}).items())
+        points = sorted((position(k), v, (spread or {}).get(method, {}).get(k, {}).get("std", 0))
+                        for k, v in results.get(method, {}).items())
         if points:
-            xs, ys = zip(*points)
-            ax.plot(xs, [100 * y for y in ys], style, label=label, color=colour,
-                    markersize=9 if method == "distilled_student" else 6)
+            xs, ys, errors = zip(*points)
+            ax.errorbar(xs, [100 * y for y in ys], yerr=[100 * e for e in errors],
+                        fmt=style, label=label, color=colour, capsize=3,
+                        markersize=9 if method == "distilled_student" else 6)
     ax.set_xscale("log")
-    ax.set_xlabel("fraction of training labels used")
+    ax.set_xlabel("labelled images" if counts else "fraction of training labels used")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)

@@ -25,6 +25,10 @@ from contrastive_tf.heads import ProjectionHead
 from contrastive_tf.model import SimCLR
 
 
+# Warmup takes at most this share of a run's steps.
+MAX_WARMUP_SHARE = 0.1
+
+
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or Inf loss, or a non-finite model state."""
 
@@ -292,7 +296,8 @@ def pretrain(config: PretrainConfig, verbose: int = 1,
 def _pretrain(config: PretrainConfig, choice: precision.Choice, requested: str,
               verbose: int, callbacks: list | None) -> dict:
     started = time.time()
-    source = data.load(config.dataset, config.train_split, config.data_dir,
+    train_split, query_split = config.splits()
+    source = data.load(config.dataset, train_split, config.data_dir,
                        image_size=config.image_size, channels=config.channels)
     channels = source.image_shape[-1]
     config = dataclasses.replace(config, channels=channels)
@@ -327,7 +332,15 @@ def _pretrain(config: PretrainConfig, choice: precision.Choice, requested: str,
             f"{source.spec} has {source.num_examples} images, fewer than one "
             f"batch of {config.batch_size}: lower --batch_size")
     total_steps = config.train_steps or config.epochs * steps_per_epoch
-    warmup_steps = min(total_steps, int(round(config.warmup_epochs * steps_per_epoch)))
+    warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
+    if warmup_steps > total_steps * MAX_WARMUP_SHARE:
+        # A short run (e.g. --train_steps=20 with 10 warmup epochs) would
+        # never leave warmup: its learning rate would only rise.
+        clamped = int(total_steps * MAX_WARMUP_SHARE)
+        if verbose:
+            print(f"[pretrain] warmup clamped from {warmup_steps} to {clamped} steps "
+                  f"({MAX_WARMUP_SHARE:.0%} of the run's {total_steps} steps)", flush=True)
+        warmup_steps = clamped
     peak = optim.scaled_learning_rate(config.learning_rate, config.batch_size,
                                       config.lr_scaling)
     schedule = optim.WarmupCosine(peak, warmup_steps, total_steps)
@@ -356,15 +369,16 @@ def _pretrain(config: PretrainConfig, choice: precision.Choice, requested: str,
               f"{replicas} replica(s), {config.precision} ({choice.reason}); {what}",
               flush=True)
 
-    chunk = config.checkpoint_steps
+    # One Keras "epoch" per checkpoint interval, never longer than the run.
+    chunk = min(config.checkpoint_steps, total_steps)
     log_dir = os.path.join(work_dir, "logs")
     writer = tf.summary.create_file_writer(os.path.join(log_dir, "images"))
     guard = CheckpointAndGuard(manager, chunk, total_steps, schedule)
     guard.set_model(model)
     callbacks = [guard, *(callbacks or [])]
     knn = None
-    if source.labelled and source.images is not None:
-        query = data.load(config.dataset, config.eval_split, config.data_dir,
+    if source.labelled and source.images is not None and query_split:
+        query = data.load(config.dataset, query_split, config.data_dir,
                           image_size=config.image_size, channels=channels)
         bank_size = min(config.knn_bank_size, source.num_examples)
         bank_index = data.class_balanced_indices(

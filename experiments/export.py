@@ -64,6 +64,9 @@ def main(argv):
             raise app.UsageError(f"{path} not found: is {FLAGS.model_dir} a "
                                  "fine-tuning or distillation run?")
         classes = optional_json("class_names.json")
+        if classes is None:
+            print(f"[export] warning: {FLAGS.model_dir} has no class_names.json: the export "
+                  "answers class ids only, without class names", flush=True)
         target = export.export_classifier(
             keras.models.load_model(path), FLAGS.export_root, FLAGS.model_name,
             class_names=classes, version=FLAGS.version, overwrite=FLAGS.overwrite,

@@ -7,16 +7,52 @@ already says what went wrong and what to do, so a job prints that sentence
 traceback.
 """
 
+import dataclasses
 import functools
 import sys
+
+from absl import app, flags
+
+_DEFINE = {"int": flags.DEFINE_integer, "float": flags.DEFINE_float,
+           "bool": flags.DEFINE_bool, "str": flags.DEFINE_string,
+           "str | None": flags.DEFINE_string}
+
+
+def define_flags(config_cls) -> None:
+    """One absl flag per field of a config dataclass: its name, type,
+    default and help (the field's metadata) -- the dataclass is the one
+    source of every default."""
+    for field in dataclasses.fields(config_cls):
+        required = field.metadata.get("required", False)
+        default = None if required else field.default
+        help_text = field.metadata["help"] + (" (required)" if required else "")
+        _DEFINE[str(field.type)](field.name, default, help_text)
+
+
+def config_from_flags(config_cls, argv):
+    """The config the parsed flags describe; usage errors name the flag."""
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    fields = dataclasses.fields(config_cls)
+    values = {field.name: flags.FLAGS[field.name].value for field in fields}
+    missing = [f.name for f in fields if f.metadata.get("required") and not values[f.name]]
+    if missing:
+        raise app.UsageError(", ".join(f"--{name}" for name in missing) + " required")
+    try:
+        return config_cls(**values)
+    except ValueError as error:
+        raise app.UsageError(str(error)) from None
 
 
 def known_errors() -> tuple[type, ...]:
     """The library's errors a user can cause and fix."""
+    from contrastive_tf.config import OutputDirError
     from contrastive_tf.data import DataError
     from contrastive_tf.export import ExportError
+    from contrastive_tf.finetune import ModelSourceError
     from contrastive_tf.training import CheckpointWriteError, NonFiniteLossError, ResumeError
-    return DataError, ResumeError, NonFiniteLossError, CheckpointWriteError, ExportError
+    return (DataError, ResumeError, NonFiniteLossError, CheckpointWriteError, ExportError,
+            ModelSourceError, OutputDirError)
 
 
 def reports_known_errors(main):

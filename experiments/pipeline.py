@@ -43,6 +43,15 @@ flags.DEFINE_float("distill_learning_rate", 0.05, "Distillation peak learning ra
 flags.DEFINE_integer("student_base_width", 0, "Student ResNet base width (0: teacher's).")
 flags.DEFINE_enum("student_init", "pretrained", ["pretrained", "scratch"],
                   "Student starts from the pretrained encoder or from scratch.")
+flags.DEFINE_string("unlabelled_dataset", "", "Your unlabelled images (e.g. folder:/data/pool, "
+                    "used whole): pretraining and distillation run on them. Default: the "
+                    "training images of --dataset.")
+flags.DEFINE_string("labelled_dataset", "", "Your labelled images (class subfolders, used "
+                    "whole less a validation part), instead of fractions of --dataset; needs "
+                    "--test_dataset.")
+flags.DEFINE_string("test_dataset", "", "Your labelled test images, with --labelled_dataset.")
+flags.DEFINE_integer("label_seeds", 1, "Class-balanced label draws per fraction; results.json "
+                     "reports each method's mean and standard deviation over them.")
 
 
 @reports_known_errors
@@ -72,7 +81,10 @@ def main(argv):
             distill_temperature=FLAGS.distill_temperature,
             distill_learning_rate=FLAGS.distill_learning_rate,
             student_base_width=FLAGS.student_base_width,
-            student_init=FLAGS.student_init, seed=FLAGS.seed)
+            student_init=FLAGS.student_init, seed=FLAGS.seed,
+            unlabelled_dataset=FLAGS.unlabelled_dataset,
+            labelled_dataset=FLAGS.labelled_dataset, test_dataset=FLAGS.test_dataset,
+            label_seeds=FLAGS.label_seeds)
     except ValueError as error:
         raise app.UsageError(str(error))
     from contrastive_tf import semi_supervised

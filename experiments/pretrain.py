@@ -21,10 +21,15 @@ flags.DEFINE_string("model_dir", None, "Where checkpoints, logs and models go.")
 flags.DEFINE_string("dataset", "embedded",
                     "embedded | fashion_mnist | tfds:<name>[:<config>] | folder:<path>")
 flags.DEFINE_string("data_dir", None, "TFDS data_dir, or the Fashion-MNIST folder.")
-flags.DEFINE_string("train_split", "train", "Split to pretrain on.")
-flags.DEFINE_string("eval_split", "test", "Held-out split for the kNN monitor.")
+flags.DEFINE_string("train_split", "", "Split to pretrain on. Default: every image of a "
+                    "folder (or its train/ subfolder), a named dataset's 'train' split. "
+                    "Folders also take train/test: a fixed 80/20 split by file name.")
+flags.DEFINE_string("eval_split", "", "Held-out split for the kNN monitor. Default: the "
+                    "dataset's test split (test/ for folders laid out that way; none for a "
+                    "folder used whole).")
 flags.DEFINE_integer("image_size", 32, "Training image side in pixels.")
-flags.DEFINE_integer("channels", 3, "Channels for folder datasets (1 or 3); "
+flags.DEFINE_integer("channels", 0, "Channels for folder datasets (1 or 3; 0: 1 if every "
+                     "image is grayscale, else 3); "
                      "other datasets use their own.")
 flags.DEFINE_enum("depth", "18", [str(d) for d in SUPPORTED_DEPTHS], "ResNet depth.")
 flags.DEFINE_integer("width_multiplier", 1, "ResNet width multiplier.")

@@ -14,6 +14,7 @@ import argparse
 import base64
 import json
 import sys
+import urllib.error
 import urllib.request
 
 
@@ -74,10 +75,20 @@ def main(argv=None) -> int:
     for path in args.images:
         with open(path, "rb") as f:
             data.append(f.read())
-    if args.grpc:
-        answer = grpc_predict(args.host, args.port or 8500, args.model, data, args.version)
-    else:
-        answer = rest_predict(args.host, args.port or 8501, args.model, data, args.version)
+    port = args.port or (8500 if args.grpc else 8501)
+    try:
+        if args.grpc:
+            answer = grpc_predict(args.host, port, args.model, data, args.version)
+        else:
+            answer = rest_predict(args.host, port, args.model, data, args.version)
+    except Exception as error:  # noqa: BLE001  (grpc.RpcError needs grpc imported)
+        if not (isinstance(error, OSError) or type(error).__module__.startswith("grpc")):
+            raise
+        reason = getattr(error, "reason", None) or getattr(error, "details", lambda: error)()
+        print(f"error: no answer from TF Serving at {args.host}:{port} "
+              f"({'gRPC' if args.grpc else 'REST'}): {reason}. Is the server running "
+              "(README: docker run ... tensorflow/serving)?", file=sys.stderr)
+        return 1
     json.dump(answer, sys.stdout, indent=1)
     print()
     return 0

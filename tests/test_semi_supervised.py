@@ -94,7 +94,7 @@ def test_labelled_splits_are_disjoint_class_balanced_and_repeatable():
 def test_fresh_models_use_the_pretraining_precision():
     # The supervised baseline must run in the precision of the pretrained
     # encoder it is compared with, whatever the global policy is.
-    pre = PretrainConfig(dataset="embedded", image_size=16, base_width=4,
+    pre = PretrainConfig(dataset="embedded", image_size=16, channels=1, base_width=4,
                          precision="mixed_bfloat16", model_dir="unused")
     encoder, head = semi_supervised.fresh_encoder_and_head(pre)
     assert encoder.get_layer("stem_conv").compute_dtype == "bfloat16"

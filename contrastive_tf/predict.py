@@ -1,0 +1,110 @@
+"""Predictions for a folder or dataset: a CSV of classes, or embeddings.
+
+`run_predict(config)` is what `experiments/predict.py` calls: one CSV row
+per image (its file for folders, the class, its probability and the top-k),
+and with `config.embeddings` the features h as a .npy file. Images are
+converted the way the model's training images were (`data.load_folder`,
+`data.conform`); files that cannot be read are skipped, named in a warning
+and listed in the CSV with their error.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from contrastive_tf import data, finetune
+
+log = logging.getLogger(__name__)
+
+
+def load_model(src: str):
+    """(kind, model, class_names): a classifier, or else an encoder."""
+    try:
+        classifier, names = finetune.load_classifier(src)
+        return "classifier", classifier, names
+    except finetune.ModelSourceError as as_classifier:
+        try:
+            return "encoder", finetune.load_pretrained(src).encoder, ()
+        except finetune.ModelSourceError:
+            raise finetune.ModelSourceError(
+                f"{as_classifier} It is not a pretraining run or encoder export either.") from None
+
+
+def _batches(model, images, batch_size):
+    preprocess = finetune.finetune_augmenter(int(model.input.shape[1]))
+    for start in range(0, len(images), batch_size):
+        views = preprocess(images[start:start + batch_size], training=False)
+        yield tf.cast(model(views, training=False), tf.float32).numpy()
+
+
+def run_predict(config, verbose: int = 1) -> dict:
+    """Writes `config.output` (CSV) and optionally `config.embeddings`."""
+    say = (lambda m: print(f"[predict] {m}", flush=True)) if verbose else (lambda m: None)
+    kind, model, class_names = load_model(config.model)
+    size, channels = int(model.input.shape[1]), int(model.input.shape[-1])
+    source = data.load_whole(config.dataset, "test", data_dir=config.data_dir,
+                             image_size=size, channels=channels)
+    source, note = data.conform(source, size, channels)
+    if note:
+        say(note)
+    if source.skipped:
+        log.warning("%s: %d file(s) could not be read and are listed in %s with their "
+                    "error: %s", config.dataset, len(source.skipped), config.output,
+                    "; ".join(source.skipped))
+    outputs = np.concatenate(list(_batches(model, source.images, config.batch_size)))
+    names = source.paths or [str(i) for i in range(source.num_examples)]
+    header = ["image", "class_name", "probability", "top_k"]
+    rows = []
+    summary = {"model": config.model, "kind": kind, "dataset": config.dataset,
+               "images": source.num_examples, "unreadable": len(source.skipped)}
+    if kind == "classifier":
+        probabilities = tf.nn.softmax(outputs).numpy()
+        k = min(config.top_k, probabilities.shape[-1])
+        top = np.argsort(-probabilities, axis=1)[:, :k]
+        for row, name in enumerate(names):
+            best = top[row, 0]
+            rows.append([name, class_names[best], f"{probabilities[row, best]:.6f}",
+                         ";".join(f"{class_names[c]}:{probabilities[row, c]:.4f}"
+                                  for c in top[row])])
+        if source.labelled and tuple(source.class_names) != ():
+            truth = finetune.match_classes(source, tuple(class_names)).labels
+            header.append("label")
+            for row in range(len(rows)):
+                rows[row].append(class_names[truth[row]])
+            summary["accuracy"] = float(np.mean(top[:, 0] == truth))
+    else:
+        header = ["image", "row"]
+        rows = [[name, row] for row, name in enumerate(names)]
+    if config.embeddings:
+        if kind != "encoder":
+            raise finetune.ModelSourceError(f"--embeddings needs an encoder (a pretraining "
+                                            f"run or encoder export); {config.model} is a "
+                                            "classifier")
+        tmp = config.embeddings + ".tmp.npy"
+        np.save(tmp, outputs.astype(np.float32))
+        os.replace(tmp, config.embeddings)
+        summary["embeddings"] = config.embeddings
+        say(f"embeddings {outputs.shape} -> {config.embeddings}")
+    header.append("error")
+    rows = [row + [""] for row in rows]
+    for problem in source.skipped:
+        path, _, error = problem.partition(" (")
+        rows.append([path] + [""] * (len(header) - 2) + [error.rstrip(")")])
+    os.makedirs(os.path.dirname(os.path.abspath(config.output)), exist_ok=True)
+    tmp = config.output + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    os.replace(tmp, config.output)
+    summary["output"] = config.output
+    shown = f", accuracy {summary['accuracy']:.4f}" if "accuracy" in summary else ""
+    say(f"{source.num_examples} images ({kind} {config.model}){shown} -> {config.output}"
+        + (f"; {len(source.skipped)} unreadable file(s) listed with their error"
+           if source.skipped else ""))
+    return summary

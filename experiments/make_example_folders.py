@@ -1,0 +1,63 @@
+"""Writes the embedded Fashion-MNIST subset as folders of image files, laid
+out as a user with many unlabelled images and a few labelled ones has them:
+
+    DIR/unlabelled/          flat folder of PNG/JPEG files (no labels)
+    DIR/labelled/<class>/    --labels_per_class images per class
+    DIR/test/<class>/        the embedded test split (--test_per_class each)
+
+    python -m experiments.make_example_folders --output=examples/own_images
+
+The README's "Your own images" walkthrough runs on these.
+"""
+
+import os
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("output", None, "Folder to write (must not exist or be empty).")
+flags.DEFINE_integer("labels_per_class", 10, "Labelled images per class.")
+flags.DEFINE_integer("unlabelled", 5000, "Unlabelled images (from the rest of the train split).")
+flags.DEFINE_integer("test_per_class", 100, "Test images per class.")
+flags.DEFINE_integer("seed", 0, "Which images go where.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if not FLAGS.output:
+        raise app.UsageError("--output is required")
+    if os.path.isdir(FLAGS.output) and os.listdir(FLAGS.output):
+        raise app.UsageError(f"{FLAGS.output} is not empty")
+    import numpy as np
+    from PIL import Image
+    from contrastive_tf import data
+
+    rng = np.random.RandomState(FLAGS.seed)
+    train, test = data.load_embedded("train"), data.load_embedded("test")
+    names = [name.replace("/", "-").replace(" ", "_") for name in train.class_names]
+    labelled = data.class_balanced_indices(train.labels, per_class=FLAGS.labels_per_class,
+                                           seed=FLAGS.seed)
+    rest = rng.permutation(np.setdiff1d(np.arange(train.num_examples), labelled))
+    tested = data.class_balanced_indices(test.labels, per_class=FLAGS.test_per_class,
+                                         seed=FLAGS.seed)
+
+    def write(image, folder, stem, index):
+        os.makedirs(folder, exist_ok=True)
+        fmt = "png" if index % 2 else "jpg"  # both formats, as real folders have
+        Image.fromarray(image[..., 0], "L").save(os.path.join(folder, f"{stem}.{fmt}"))
+
+    for n, i in enumerate(rest[:FLAGS.unlabelled]):
+        write(train.images[i], os.path.join(FLAGS.output, "unlabelled"), f"img{n:05d}", n)
+    for n, i in enumerate(labelled):
+        write(train.images[i], os.path.join(FLAGS.output, "labelled", names[train.labels[i]]),
+              f"img{n:05d}", n)
+    for n, i in enumerate(tested):
+        write(test.images[i], os.path.join(FLAGS.output, "test", names[test.labels[i]]),
+              f"img{n:05d}", n)
+    print(f"wrote {min(FLAGS.unlabelled, len(rest))} unlabelled, {len(labelled)} labelled "
+          f"and {len(tested)} test images to {FLAGS.output}")
+
+
+if __name__ == "__main__":
+    app.run(main)

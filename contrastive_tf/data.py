@@ -519,7 +519,7 @@ def conform(source: Source, image_size: int, channels: int) -> tuple[Source, str
     source = to_memory(source, image_size)
     height, width, have = source.images.shape[1:]
     if (height, width, have) == (image_size, image_size, channels):
-        return source, None
+        return source, _files_note(source, image_size, channels)
     images = source.images
     if have != channels:
         if channels == 1:
@@ -535,6 +535,33 @@ def conform(source: Source, image_size: int, channels: int) -> tuple[Source, str
             f"{height}x{width}x{have} to {image_size}x{image_size}x{channels}, as the "
             "model was trained")
     return dataclasses.replace(source, images=images), note
+
+
+def _files_note(source: Source, image_size: int, channels: int) -> str | None:
+    """What reading a folder at `image_size` x `channels` changed in its
+    files (other sizes, other channel counts), or None."""
+    from PIL import Image
+
+    if not source.paths:
+        return None
+    sizes, modes = set(), set()
+    for path in source.paths:
+        with Image.open(path) as image:
+            sizes.add(image.size)
+            modes.add(1 if image.mode in _GRAY_MODES else 3)
+    resized = sorted(f"{w}x{h}" for w, h in sizes if (w, h) != (image_size, image_size))
+    recoloured = sorted(m for m in modes if m != channels)
+    if not resized and not recoloured:
+        return None
+    changes = []
+    if resized:
+        changes.append(f"sizes {', '.join(resized[:3])}{' ...' if len(resized) > 3 else ''}"
+                       f" -> {image_size}x{image_size} (central square)")
+    if recoloured:
+        changes.append(f"{'RGB' if recoloured[0] == 3 else 'grayscale'} -> "
+                       f"{'grayscale' if channels == 1 else 'RGB'}")
+    return (f"{source.spec}: converted {source.num_examples} images as the model was "
+            f"trained ({'; '.join(changes)})")
 
 
 def _resize_batch(images: np.ndarray, size: int) -> np.ndarray:

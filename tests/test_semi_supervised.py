@@ -193,7 +193,7 @@ def test_pipeline_end_to_end_on_a_tiny_budget(tmp_path):
             "--projection_layers=2", "--projection_dim=8", "--batch_size=64",
             "--train_steps=3", "--knn_bank_size=200", "--finetune_epochs=2",
             "--finetune_min_steps=2", "--probe_steps=20", "--distill_epochs=1",
-            "--supervised_epochs=2",
+            "--supervised_epochs=2", "--label_seeds=2",
             f"--output_dir={out}"]
     env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
     result = subprocess.run([sys.executable, "-m", "experiments.pipeline", *args],
@@ -212,6 +212,20 @@ def test_pipeline_end_to_end_on_a_tiny_budget(tmp_path):
     assert (out / "results.md").read_text().startswith("# Label efficiency")
     subset = json.load(open(out / "labelled_0.01.json"))
     assert subset["count"] == 100 and len(set(subset["indices"])) == 100
+    # Two label draws: another class-balanced subset, and each method's
+    # mean and standard deviation over the draws (the plain keys hold the mean).
+    other = json.load(open(out / "labelled_0.01_draw1.json"))
+    assert other["count"] == 100 and other["indices"] != subset["indices"]
+    first = {}
+    for method in ("simclr_finetune", "supervised_baseline", "distilled_student"):
+        for key in ("0.01", "0.1"):
+            draws = report["spread"][method][key]
+            assert len(draws["values"]) == 2
+            assert draws["mean"] == pytest.approx(np.mean(draws["values"]))
+            assert draws["std"] == pytest.approx(np.std(draws["values"]))
+            assert report[method][key] == pytest.approx(draws["mean"])
+            first[method, key] = draws["values"][0]
+    assert " ± " in (out / "results.md").read_text()
     # The exported classifier reproduces the fine-tuned model's test accuracy.
     test = data.load("embedded", "test")
     served = tf.saved_model.load(str(out / "exports" / "simclr_classifier" / "1"))
@@ -221,7 +235,8 @@ def test_pipeline_end_to_end_on_a_tiny_budget(tmp_path):
         images = tf.constant(test.images[start:start + 500] / 255.0, tf.float32)
         correct += int(np.sum(predict(images=images)["class_id"].numpy()
                               == test.labels[start:start + 500]))
-    assert correct / test.num_examples == pytest.approx(report["simclr_finetune"]["0.1"],
+    # (the exports are draw 0's models)
+    assert correct / test.num_examples == pytest.approx(first["simclr_finetune", "0.1"],
                                                         abs=1e-3)
     # The tuning tool uses the pipeline's splits and settings: its default
     # supervised trial reproduces the pipeline's 1% baseline.
@@ -237,12 +252,12 @@ def test_pipeline_end_to_end_on_a_tiny_budget(tmp_path):
     assert [r["method"] for r in records] == ["supervised", "simclr", "simclr"]
     assert records[0]["labels"] == 100
     assert records[0]["test_accuracy"] == pytest.approx(
-        report["supervised_baseline"]["0.01"], abs=1e-6)
+        first["supervised_baseline", "0.01"], abs=1e-6)
     # ... and its default fine-tuning + distillation, the 1% teacher and student.
     assert records[1]["test_accuracy"] == pytest.approx(
-        report["simclr_finetune"]["0.01"], abs=1e-6)
+        first["simclr_finetune", "0.01"], abs=1e-6)
     assert records[1]["student_test_accuracy"] == pytest.approx(
-        report["distilled_student"]["0.01"], abs=1e-6)
+        first["distilled_student", "0.01"], abs=1e-6)
     assert "student_test_accuracy" not in records[2]
     assert all(0 <= r["val_accuracy"] <= 1 for r in records)
 

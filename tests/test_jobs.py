@@ -1,0 +1,223 @@
+"""The own-data jobs: fine-tune, distil and predict on folders you have."""
+
+import csv
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from contrastive_tf import data, finetune
+from contrastive_tf.config import OutputDirError, claim_output_dir
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Appended to the README's commands: the same jobs on a tiny budget (a flag
+# given twice takes its last value).
+TINY = {
+    "make_example_folders": ["--unlabelled=300", "--test_per_class=4",
+                             "--labels_per_class=4"],
+    "pretrain": ["--epochs=1", "--base_width=4", "--batch_size=64", "--projection_dim=8",
+                 "--checkpoint_steps=2"],
+    "finetune": ["--epochs=2", "--min_steps=2"],
+    "distill": ["--epochs=1", "--batch_size=64"],
+    "pipeline": ["--epochs=1", "--base_width=4", "--batch_size=64", "--projection_dim=8",
+                 "--finetune_epochs=1", "--supervised_epochs=1", "--finetune_min_steps=2",
+                 "--distill_epochs=1", "--probe_steps=10"],
+}
+
+
+def _env():
+    return dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
+
+
+def _readme_commands(heading):
+    """The `python -m experiments.*` commands of the first bash block after
+    `heading` in the README, continuation lines joined."""
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    section = text[text.index(heading):]
+    block = re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1)
+    return [shlex.split(line) for line in block.replace("\\\n", " ").splitlines()
+            if line.startswith("python -m experiments.")]
+
+
+def _run(words, work):
+    """Runs a README command from the repository root (as the README does:
+    its flag files name each other relative to it), with its folders
+    (own_images/, runs/, exports/) placed under `work`."""
+    module = words[2].split(".")[1]
+    words = [re.sub(r"(=|:)(own_images|runs|exports)\b", lambda m: f"{m.group(1)}{work}/"
+                    f"{m.group(2)}", w) for w in words]
+    command = [sys.executable, *words[1:], *TINY.get(module, [])]
+    result = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, (module, result.stdout[-2000:], result.stderr[-3000:])
+    # Nothing is printed as a traceback, and Keras' dataset warning is gone.
+    assert "Traceback" not in result.stderr and "shuffle=True" not in result.stderr
+    return result
+
+
+@pytest.mark.slow
+def test_readme_walkthrough_runs_on_generated_folders(tmp_path):
+    commands = _readme_commands("## Your own images")
+    modules = [c[2] for c in commands]
+    assert modules == ["experiments.make_example_folders", "experiments.pretrain",
+                       "experiments.finetune", "experiments.distill", "experiments.predict",
+                       "experiments.export"]
+    outputs = {c[2].split(".")[1]: _run(c, tmp_path).stdout for c in commands}
+    assert "5 images" not in outputs["pretrain"]  # every unlabelled image is used
+    assert f"folder:{tmp_path}/own_images/unlabelled: 300 images" in outputs["pretrain"]
+    summary = json.load(open(tmp_path / "runs/own/finetune/summary.json"))
+    assert summary["num_labelled"] == 40 and summary["num_val"] == 10
+    assert 0 <= summary["test_accuracy"] <= 1 and summary["num_test"] == 40
+    student = json.load(open(tmp_path / "runs/own/student/summary.json"))
+    assert {"test_accuracy", "teacher_test_accuracy"} <= set(student)
+    rows = list(csv.DictReader(open(tmp_path / "runs/own/predictions.csv")))
+    assert len(rows) == 40
+    names = json.load(open(tmp_path / "runs/own/student/class_names.json"))
+    assert all(row["class_name"] in names and row["label"] in names for row in rows)
+    assert all(os.path.exists(row["image"]) for row in rows)
+    # The exported student answers serving requests (PNG bytes) with class names.
+    import tensorflow as tf
+    served = tf.saved_model.load(str(tmp_path / "exports/own_classifier/1"))
+    png = open(rows[0]["image"], "rb").read()
+    answer = served.signatures["serving_default"](images=tf.constant([png]))
+    assert answer["class_name"].numpy()[0].decode() in names
+
+
+@pytest.mark.slow
+def test_finetuning_from_an_export_matches_the_run_directory(tmp_path):
+    folders = tmp_path / "own_images"
+    for words in _readme_commands("## Your own images")[:2]:
+        _run(words, tmp_path)
+    _run(["python", "-m", "experiments.export", "--model_dir=runs/own/pretrain",
+          "--export_root=exports", "--model_name=encoder"], tmp_path)
+    accuracies = []
+    for source in (tmp_path / "runs/own/pretrain", tmp_path / "exports/encoder/1"):
+        out = tmp_path / f"runs/ft_{len(accuracies)}"
+        _run(["python", "-m", "experiments.finetune", f"--encoder={source}",
+              f"--dataset=folder:{folders}/labelled", f"--test_dataset=folder:{folders}/test",
+              f"--output_dir={out}"], tmp_path)
+        summary = json.load(open(out / "summary.json"))
+        accuracies.append((summary["val_accuracy"], summary["test_accuracy"]))
+    # The export holds the same weights: the same seed gives the same run.
+    assert accuracies[0] == pytest.approx(accuracies[1], abs=0.03)
+
+
+@pytest.mark.slow
+def test_pipeline_on_your_own_sets_reports_the_labelled_count(tmp_path):
+    commands = _readme_commands("## Your own images")
+    _run(commands[0], tmp_path)
+    pipeline = _readme_commands("The whole pipeline takes your sets")[0]
+    _run(pipeline, tmp_path)
+    report = json.load(open(tmp_path / "runs/own_pipeline/results.json"))
+    assert set(report["simclr_finetune"]) == {"40 labels"}
+    assert set(report["supervised_baseline"]) == {"40 labels"}
+    assert set(report["distilled_student"]) == {"40 labels"}
+    table = open(tmp_path / "runs/own_pipeline/results.md").read()
+    assert "| method | 40 labels |" in table
+
+
+def _images(folder, count, size=(12, 12), mode="L", seed=0):
+    rng = np.random.RandomState(seed)
+    os.makedirs(folder, exist_ok=True)
+    for i in range(count):
+        array = rng.randint(0, 255, (*size, 3 if mode == "RGB" else 1)).astype(np.uint8)
+        Image.fromarray(array.squeeze(), mode).save(os.path.join(folder, f"{i}.png"))
+
+
+def test_validation_split_is_class_balanced_and_refuses_single_image_classes(tmp_path):
+    labels = np.repeat(np.arange(3), [10, 4, 2])
+    source = data.from_arrays(np.zeros((16, 4, 4), np.uint8), labels, ["a", "b", "c"])
+    train, val, note = finetune.validation_split(source, 0.1, seed=0)
+    assert np.bincount(val.labels).tolist() == [1, 1, 1]
+    assert train.num_examples == 13 and "one validation image per class" in note
+    lonely = data.from_arrays(np.zeros((5, 4, 4), np.uint8), [0, 0, 0, 1, 0], ["a", "b"])
+    with pytest.raises(data.DataError, match=r"'b' \(1\)"):
+        finetune.validation_split(lonely, 0.1)
+
+
+def test_test_classes_are_matched_by_name_and_unknown_ones_refused():
+    test = data.from_arrays(np.zeros((2, 4, 4), np.uint8), [0, 1], ["cat", "dog"])
+    matched = finetune.match_classes(test, ("ant", "cat", "dog"))
+    assert matched.labels.tolist() == [1, 2]
+    with pytest.raises(data.DataError, match=r"\['dog'\] are not among"):
+        finetune.match_classes(test, ("ant", "cat"))
+
+
+def test_images_of_another_size_and_channel_count_are_converted():
+    rng = np.random.RandomState(0)
+    rgb = data.from_arrays(rng.randint(0, 255, (3, 20, 30, 3)).astype(np.uint8), [0, 1, 0])
+    gray, note = data.conform(rgb, 8, 1)
+    assert gray.images.shape == (3, 8, 8, 1) and "20x30x3 to 8x8x1" in note
+    luma = rgb.images[0, 5:15, 10:20].astype(float) @ [0.2989, 0.5870, 0.1140]
+    assert abs(gray.images[0].mean() - luma.mean()) < 3  # the central square's luma
+    same, note = data.conform(gray, 8, 1)
+    assert note is None and same is gray
+    back, _ = data.conform(gray, 8, 3)
+    assert np.array_equal(back.images[..., 0], back.images[..., 2])
+
+
+def test_folder_layouts_channels_and_whole_splits(tmp_path):
+    _images(tmp_path / "split" / "train" / "a", 3)
+    _images(tmp_path / "split" / "train" / "b", 3)
+    _images(tmp_path / "split" / "test" / "a", 2, mode="RGB")
+    spec = f"folder:{tmp_path / 'split'}"
+    assert data.whole_split(spec, "train") == "train"
+    train = data.load_whole(spec, "train", image_size=8)
+    test = data.load_whole(spec, "test", image_size=8)
+    assert train.num_examples == 6 and train.images.shape[-1] == 1  # inferred: gray
+    assert test.num_examples == 2 and test.images.shape[-1] == 3 and test.class_names == ("a",)
+    _images(tmp_path / "flat", 5)
+    flat = f"folder:{tmp_path / 'flat'}"
+    assert data.whole_split(flat, "train") == "all"
+    assert data.load_whole(flat, image_size=8).num_examples == 5  # nothing held back
+    assert len(data.load_whole(flat, image_size=8).paths) == 5
+
+
+def test_model_sources_and_output_folders_are_checked(tmp_path):
+    with pytest.raises(finetune.ModelSourceError, match="neither a pretraining run"):
+        finetune.load_pretrained(str(tmp_path))
+    with pytest.raises(finetune.ModelSourceError, match="fine-tuning"):
+        finetune.load_classifier(str(tmp_path))
+    claim_output_dir(str(tmp_path / "a"), "finetune", {})
+    claim_output_dir(str(tmp_path / "a"), "finetune", {})  # the same job again: fine
+    with pytest.raises(OutputDirError, match="holds the results of a finetune job"):
+        claim_output_dir(str(tmp_path / "a"), "distill", {})
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "simclr.keras").write_text("")
+    with pytest.raises(OutputDirError, match="not empty"):
+        claim_output_dir(str(tmp_path / "b"), "finetune", {})
+    assert (tmp_path / "b" / "simclr.keras").exists()
+
+
+@pytest.mark.slow
+def test_predict_lists_unreadable_files_and_bad_sources_stop_with_one_line(tmp_path):
+    import keras
+    from tests.testing import tiny_encoder
+    keras.utils.set_random_seed(0)
+    classifier = finetune.build_classifier(tiny_encoder(16, 1), 2)
+    finetune.save_classifier(classifier, ["a", "b"], str(tmp_path / "model"))
+    _images(tmp_path / "new", 3, size=(20, 10), mode="RGB")
+    (tmp_path / "new" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot an image")
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.predict", f"--model={tmp_path / 'model'}",
+         f"--dataset=folder:{tmp_path / 'new'}", f"--output={tmp_path / 'out.csv'}"],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = list(csv.DictReader(open(tmp_path / "out.csv")))
+    assert len(rows) == 4
+    broken = [row for row in rows if row["image"].endswith("broken.png")]
+    assert broken and broken[0]["error"] and not broken[0]["class_name"]
+    assert "converted 3 images as the model was trained (sizes 10x20 -> 16x16 (central " \
+           "square); RGB -> grayscale)" in result.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "experiments.distill", f"--teacher={tmp_path / 'new'}",
+         f"--dataset=folder:{tmp_path / 'new'}", f"--output_dir={tmp_path / 'x'}"],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: ")

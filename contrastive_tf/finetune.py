@@ -22,13 +22,36 @@ from contrastive_tf.augment import SimCLRAugmenter
 from contrastive_tf.config import FinetuneConfig, claim_output_dir, read_json, write_json
 
 
+@keras.saving.register_keras_serializable(package="contrastive_tf")
+class UnitRangeCheck(keras.layers.Layer):
+    """Passes float images through, refusing values outside [0, 1].
+
+    A classifier fed uint8 images (0-255) as floats would answer wrongly
+    without a word; this says what it received instead.
+    """
+
+    def call(self, images):
+        images = tf.convert_to_tensor(images)
+        low, high = tf.reduce_min(images), tf.reduce_max(images)
+        check = tf.debugging.Assert(
+            tf.logical_and(low >= -1e-3, high <= 1.0 + 1e-3),
+            ["classifier inputs must be float images in [0, 1] (uint8 images: divide by "
+             "255); received values in", low, high])
+        with tf.control_dependencies([check]):
+            return tf.identity(images)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
 def build_classifier(encoder: keras.Model, num_classes: int,
                      projection_head: keras.layers.Layer | None = None,
                      name: str = "classifier") -> keras.Model:
     """images in [0, 1] -> logits, through `encoder` (and the head up to its
-    `ft_layer`); the encoder's and head's weights are shared, not copied."""
+    `ft_layer`); the encoder's and head's weights are shared, not copied.
+    Inputs outside [0, 1] (uint8 images passed as numbers) are refused."""
     inputs = keras.Input(encoder.input.shape[1:], name="images")
-    features = encoder(inputs)
+    features = encoder(UnitRangeCheck(name="unit_range_check")(inputs))
     if projection_head is not None:
         features = projection_head.finetune_features(features)
     logits = keras.layers.Dense(num_classes, dtype="float32", name="logits")(features)
@@ -99,22 +122,43 @@ def train_classifier(classifier: keras.Model, train: data.Source,
                     metrics=["accuracy"])
     stream = data.training_stream(train, batch_size, seed=seed, with_labels=True)
     val_data = data.pipeline(val, 512, training=False)
-    # EarlyStopping restores the best epoch's weights at the end of training,
-    # also when it never stops early (patience = epochs).
-    stopper = keras.callbacks.EarlyStopping(monitor="val_accuracy", mode="max",
-                                            patience=patience or epochs,
-                                            restore_best_weights=True)
+    keeper = KeepBestEpoch(patience)
     history = trainer.fit(stream, steps_per_epoch=steps, epochs=epochs,
-                          validation_data=val_data, callbacks=[stopper, *(callbacks or [])],
-                          shuffle=False,
-                          verbose=verbose)
-    val_accuracy = history.history["val_accuracy"]
+                          validation_data=val_data, callbacks=[keeper, *(callbacks or [])],
+                          shuffle=False, verbose=verbose)
     test_accuracy = None if test is None else float(trainer.evaluate(
         data.pipeline(test, 512, training=False), verbose=0, return_dict=True)["accuracy"])
-    return FinetuneResult(test_accuracy=test_accuracy,
-                          val_accuracy=float(max(val_accuracy)),
-                          epochs_run=len(val_accuracy),
-                          best_epoch=int(np.argmax(val_accuracy)) + 1)
+    return FinetuneResult(test_accuracy=test_accuracy, val_accuracy=keeper.best,
+                          epochs_run=len(history.history["val_accuracy"]),
+                          best_epoch=keeper.best_epoch)
+
+
+class KeepBestEpoch(keras.callbacks.Callback):
+    """Keeps the weights of the epoch with the highest validation accuracy
+    and restores them when training ends. Of equally good epochs the latest
+    wins: it has trained longest down the schedule, and on a small
+    validation set ties are common. With `patience` > 0, training stops
+    once `patience` epochs in a row have not beaten the best."""
+
+    def __init__(self, patience: int = 0):
+        super().__init__()
+        self.patience = patience
+
+    def on_train_begin(self, logs=None):
+        self.best, self.best_epoch, self.weights, self.waited = -1.0, 0, None, 0
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = float(logs["val_accuracy"])
+        self.waited = 0 if value > self.best else self.waited + 1
+        if value >= self.best:
+            self.best, self.best_epoch = value, epoch + 1
+            self.weights = self.model.get_weights()
+        if self.patience and self.waited >= self.patience:
+            self.model.stop_training = True
+
+    def on_train_end(self, logs=None):
+        if self.weights is not None:
+            self.model.set_weights(self.weights)
 
 
 def evaluate_classifier(classifier: keras.Model, source: data.Source) -> float:
@@ -239,6 +283,9 @@ def validation_split(source: data.Source, fraction: float,
     if counts.min() * fraction < 1:
         note += (f"; with only {counts.min()} images in the smallest class, val_fraction="
                  f"{fraction:g} rounds to one validation image per class")
+    if len(val_index) < 50:
+        note += (f"; {len(val_index)} validation images make the choice of epoch noisy "
+                 "(ties go to the latest epoch)")
     return source.subset(train_index), source.subset(val_index), note
 
 

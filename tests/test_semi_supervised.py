@@ -40,6 +40,15 @@ def test_build_classifier_starts_from_the_chosen_head_layer():
     assert any(w is encoder.weights[0] for w in classifier.weights)
 
 
+def test_classifier_refuses_uint8_images_passed_as_numbers():
+    # 0-255 values fed as floats used to be classified silently (and wrongly).
+    classifier = finetune.build_classifier(tiny_encoder(16, 1), 3)
+    images = np.random.RandomState(0).rand(2, 16, 16, 1).astype("float32")
+    assert classifier.predict(images, verbose=0).shape == (2, 3)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"\[0, 1\].*divide by 255"):
+        classifier.predict((images * 255).astype("uint8"), verbose=0)
+
+
 def test_train_classifier_learns_and_keeps_best_validation_weights():
     train, val, test = _separable(48), _separable(30, 1), _separable(30, 2)
     keras.utils.set_random_seed(0)
@@ -68,6 +77,25 @@ def test_train_classifier_runs_the_whole_schedule_without_patience():
     assert finetune.evaluate_classifier(classifier, val) == pytest.approx(result.val_accuracy)
     with pytest.raises(ValueError, match="patience"):
         finetune.train_classifier(classifier, train, val, test, epochs=1, patience=-1)
+
+
+def test_best_epoch_ties_go_to_the_latest_and_patience_stops():
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    keeper = finetune.KeepBestEpoch(patience=0)
+    keeper.set_model(model)
+    keeper.on_train_begin()
+    for epoch, accuracy in enumerate([0.5, 0.7, 0.6, 0.7, 0.6]):
+        model.layers[0].bias.assign([float(epoch)])  # marks the epoch's weights
+        keeper.on_epoch_end(epoch, {"val_accuracy": accuracy})
+    keeper.on_train_end()
+    assert keeper.best_epoch == 4 and keeper.best == 0.7
+    assert float(model.layers[0].bias.numpy()[0]) == 3.0  # epoch 4's weights
+    patient = finetune.KeepBestEpoch(patience=2)
+    patient.set_model(model)
+    patient.on_train_begin()
+    for epoch, accuracy in enumerate([0.5, 0.7, 0.7, 0.6]):
+        patient.on_epoch_end(epoch, {"val_accuracy": accuracy})
+    assert model.stop_training and patient.best_epoch == 3  # a tie does not reset patience
 
 
 def test_labelled_splits_are_disjoint_class_balanced_and_repeatable():

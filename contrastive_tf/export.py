@@ -49,8 +49,12 @@ DEFAULT_MAX_IMAGE_PIXELS = 1 << 26
 def _unsigned(data, offset: int, length: int, big_endian: bool = False):
     digits = tf.cast(tf.io.decode_raw(tf.strings.substr(data, offset, length),
                                       tf.uint8), tf.int64)
-    powers = tf.constant([256 ** i for i in range(length)], tf.int64)
-    return tf.reduce_sum(digits * (powers[::-1] if big_endian else powers))
+    # Reversed in Python, not with a negative-stride slice: Grappler's
+    # layout pass logged "layout failed: INVALID_ARGUMENT ... stride is
+    # negative" for that slice on every call of an export.
+    powers = [256 ** i for i in range(length)]
+    return tf.reduce_sum(digits * tf.constant(powers[::-1] if big_endian else powers,
+                                              tf.int64))
 
 
 def encoded_image_size(data):

@@ -199,11 +199,12 @@ def probe_stage(model, pdata: PipelineData, config: PipelineConfig, pre,
 
     test = pdata.test
     test_features = encode(test.images)
-    sets = [(column, draw[column]) for draw in pdata.draws for column in pdata.columns]
+    sets = [(column, draw[column], index) for index, draw in enumerate(pdata.draws)
+            for column in pdata.columns]
     if pdata.probe_all is not None:
-        sets.append((1.0, pdata.probe_all))
+        sets.append((1.0, pdata.probe_all, 0))
     bank = None
-    for column, labelled in sets:
+    for column, labelled, draw in sets:
         features = encode(labelled.images)
         linear = evaluation.linear_probe(features, labelled.labels, test_features,
                                          test.labels, len(pdata.class_names),
@@ -214,14 +215,15 @@ def probe_stage(model, pdata: PipelineData, config: PipelineConfig, pre,
                                       temperature=pre.knn_temperature)
         results.add("linear_probe", column, linear)
         results.add("knn", column, knn)
-        _say(f"   {_column_name(column)}: linear {linear:.4f}, kNN {knn:.4f}")
+        shown = f" (draw {draw})" if len(pdata.draws) > 1 and column != 1.0 else ""
+        _say(f"   {_column_name(column)}{shown}: linear {linear:.4f}, kNN {knn:.4f}")
         if bank is None or labelled.num_examples > bank[0].num_examples:
             bank = (labelled, features)
     return bank, test_features
 
 
 def _column_name(column) -> str:
-    return f"{column:g} labels" if isinstance(column, float) else str(column)
+    return f"{column:.0%} labels" if isinstance(column, float) else str(column)
 
 
 def classifier_stage(method: str, make_parts, pdata: PipelineData, config: PipelineConfig,
@@ -303,7 +305,8 @@ def pipeline_pretrain_config(config: PipelineConfig):
     """The pretraining stage's config: on the unlabelled images (a folder
     whole) when the user gives their own sets; otherwise on the training
     split of the labelled dataset (a folder's fixed 80% part), never on its
-    test images. "auto" precision is resolved here, once, for every stage."""
+    test images. "auto" precision is resolved here, once, for every stage:
+    returns the config and the `precision.Choice`."""
     pre = config.pretrain
     if config.unlabelled_dataset or config.labelled_dataset:
         if config.unlabelled_dataset:
@@ -312,7 +315,8 @@ def pipeline_pretrain_config(config: PipelineConfig):
     else:
         pre = dataclasses.replace(pre, train_split=pre.train_split or "train",
                                   eval_split=pre.eval_split or "test")
-    return dataclasses.replace(pre, precision=precision.resolve(pre.precision).policy)
+    choice = precision.resolve(pre.precision)
+    return dataclasses.replace(pre, precision=choice.policy), choice
 
 
 def run_pipeline(config: PipelineConfig) -> dict:
@@ -325,11 +329,11 @@ def run_pipeline(config: PipelineConfig) -> dict:
     os.makedirs(out, exist_ok=True)
     write_json(os.path.join(out, "pipeline_config.json"), config.to_dict())
     timings = {}
-    pre = pipeline_pretrain_config(config)
+    pre, choice = pipeline_pretrain_config(config)
 
     _say(f"1/6 pretraining SimCLR on {pre.dataset} ({pre.epochs} epochs)")
     t0 = time.time()
-    summary = training.pretrain(pre)
+    summary = training.pretrain(pre, choice=choice)
     timings["pretrain_s"] = round(time.time() - t0, 1)
     model = keras.models.load_model(os.path.join(pre.model_dir, "simclr.keras"))
     size, channels = int(model.encoder.input.shape[1]), int(model.encoder.input.shape[-1])

@@ -266,7 +266,8 @@ def _atomic_save(model: keras.Model, path: str) -> None:
 
 
 def pretrain(config: PretrainConfig, verbose: int = 1,
-             callbacks: list | None = None) -> dict:
+             callbacks: list | None = None,
+             choice: precision.Choice | None = None) -> dict:
     """Runs (or resumes) SimCLR pretraining as `config` says.
 
     Writes into `config.model_dir`: config.json, checkpoints/ (every
@@ -283,11 +284,13 @@ def pretrain(config: PretrainConfig, verbose: int = 1,
         config: the run's settings.
         verbose: 0 silent, 1 progress and summary lines.
         callbacks: extra Keras callbacks for `fit`.
+        choice: the precision decision when the caller made it already
+            (the pipeline resolves "auto" once for all its stages).
 
     Returns:
         The summary dict also written to summary.json.
     """
-    choice = precision.resolve(config.precision)
+    choice = choice or precision.resolve(config.precision)
     resolved = dataclasses.replace(config, precision=choice.policy)
     with precision.policy_scope(choice.policy):
         return _pretrain(resolved, choice, config.precision, verbose, callbacks)

@@ -164,7 +164,7 @@ def test_folder_split_is_the_same_for_every_seed(tmp_path):
         splits = semi_supervised.labelled_splits(pipeline)
         assert {img.tobytes() for img in splits.test.images} == test
         # What the pipeline's pretraining stage reads.
-        pretraining = semi_supervised.pipeline_pretrain_config(pipeline)
+        pretraining, _ = semi_supervised.pipeline_pretrain_config(pipeline)
         train = data.load(pretraining.dataset, pretraining.splits()[0], image_size=8)
         assert train.num_examples == 16
         assert not test & {img.tobytes() for img in train.images}

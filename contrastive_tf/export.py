@@ -168,19 +168,28 @@ class _Servable:
             images, (self.image_size, self.image_size), self.crop_fraction)
 
     def _decode(self, encoded):
-        def decode_one(data):
-            checks = [tf.debugging.assert_greater(tf.strings.length(data), 0,
-                                                  message="empty image bytes"),
-                      _check_pixels(*encoded_image_size(data), self.max_image_pixels)]
-            with tf.control_dependencies(checks):
-                data = tf.identity(data)
+        """(images, readable): each element decoded and preprocessed, or a
+        blank image with readable False when its bytes are not an image of a
+        known format (empty, garbage, a bare signature), so one bad element
+        does not fail the others of its batch."""
+        shape = [self.image_size, self.image_size, self.channels]
+
+        def decode(data):
             image = tf.io.decode_image(data, channels=self.channels,
                                        expand_animations=False, dtype=tf.uint8)
-            image = tf.cast(image, tf.float32) / 255.0
-            return self._preprocess(image[None])[0]
+            return self._preprocess(tf.cast(image, tf.float32)[None] / 255.0)[0]
 
-        return tf.map_fn(decode_one, encoded, fn_output_signature=tf.TensorSpec(
-            [self.image_size, self.image_size, self.channels], tf.float32))
+        def decode_one(data):
+            height, width = encoded_image_size(data)
+            readable = tf.logical_and(height > 0, width > 0)
+            with tf.control_dependencies([_check_pixels(height, width,
+                                                        self.max_image_pixels)]):
+                data = tf.identity(data)
+            image = tf.cond(readable, lambda: decode(data), lambda: tf.zeros(shape))
+            return image, readable
+
+        return tf.map_fn(decode_one, encoded, fn_output_signature=(
+            tf.TensorSpec(shape, tf.float32), tf.TensorSpec([], tf.bool)))
 
     def _outputs(self, images):
         if self.classifier is not None:
@@ -198,7 +207,19 @@ class _Servable:
         return outputs
 
     def _serve_bytes(self, images):
-        return self._outputs(self._decode(images))
+        images, readable = self._decode(images)
+        outputs = self._outputs(images)
+        # An unreadable element answers readable=False, class_id -1 and
+        # zeros, instead of failing the whole batch.
+        for name, value in outputs.items():
+            if name == "class_id":
+                outputs[name] = tf.where(readable, value, -1)
+            elif name == "class_name":
+                outputs[name] = tf.where(readable, value, "")
+            else:
+                outputs[name] = tf.where(readable[:, None], value, tf.zeros_like(value))
+        outputs["readable"] = readable
+        return outputs
 
     def _serve_floats(self, images):
         return self._outputs(self._preprocess(images))

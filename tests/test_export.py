@@ -117,9 +117,14 @@ np.save({str(tmp_path / 'a.npy')!r}, a); np.save({str(tmp_path / 'b.npy')!r}, b)
 def test_bad_serving_input_errors_and_model_keeps_answering(encoder_export):
     model = tf.saved_model.load(encoder_export[3])
     serve = model.signatures["serving_default"]
-    for garbage in ([b"not an image at all"], [b""], [os.urandom(300)]):
-        with pytest.raises(tf.errors.InvalidArgumentError):
-            serve(images=tf.constant(garbage))
+    # Unreadable elements are flagged, and the rest of the batch is answered.
+    good_png = _png(_images(1)[0])
+    garbage = [b"not an image at all", b"", os.urandom(300), b"\x89PNG\r\n\x1a\njunk"]
+    answer = serve(images=tf.constant([good_png, *garbage]))
+    assert answer["readable"].numpy().tolist() == [True] + [False] * len(garbage)
+    alone = serve(images=tf.constant([good_png]))["embedding"].numpy()
+    np.testing.assert_allclose(answer["embedding"].numpy()[0], alone[0], atol=1e-5)
+    assert not np.any(answer["embedding"].numpy()[1:])
     rejected = (TypeError, ValueError, tf.errors.InvalidArgumentError)
     with pytest.raises(rejected, match="4-dimensional|rank|shape"):
         model.signatures["predict_images"](images=tf.zeros((2, 28, 28), tf.float32))

@@ -85,8 +85,11 @@ def test_readme_walkthrough_runs_on_generated_folders(tmp_path):
     import tensorflow as tf
     served = tf.saved_model.load(str(tmp_path / "exports/own_classifier/1"))
     png = open(rows[0]["image"], "rb").read()
-    answer = served.signatures["serving_default"](images=tf.constant([png]))
+    answer = served.signatures["serving_default"](images=tf.constant([png, b"not an image"]))
     assert answer["class_name"].numpy()[0].decode() in names
+    # An unreadable element of the batch is flagged; the others are answered.
+    assert answer["readable"].numpy().tolist() == [True, False]
+    assert answer["class_id"].numpy()[1] == -1 and answer["class_name"].numpy()[1] == b""
 
 
 @pytest.mark.slow

@@ -185,15 +185,11 @@ def run_distill(config, verbose: int = 1) -> dict:
     from contrastive_tf.config import claim_output_dir, write_json
 
     started = time.time()
-    say = (lambda m: print(f"[distill] {m}", flush=True)) if verbose else (lambda m: None)
+    say = finetune.reporter("distill", verbose)
     claim_output_dir(config.output_dir, "distill", config.to_dict())
     teacher, class_names = finetune.load_classifier(config.teacher)
     size, channels = int(teacher.input.shape[1]), int(teacher.input.shape[-1])
-    pool = data.load_whole(config.dataset, "train", data_dir=config.data_dir,
-                           image_size=size, channels=channels)
-    pool, note = data.conform(pool, size, channels)
-    if note:
-        say(note)
+    pool = finetune.load_images(config.dataset, "train", size, channels, config.data_dir, say)
     labelled = None
     if config.labelled_dataset:
         labelled = finetune.match_classes(finetune.load_labelled(

@@ -195,25 +195,34 @@ class Pretrained:
         return int(self.encoder.input.shape[-1])
 
 
+def _export_copy(src: str, kind: str, instead: str):
+    """The Keras copy of an export of `kind`, and its card."""
+    from contrastive_tf import export
+
+    try:
+        copy, card = export.load_keras_copy(src)
+    except export.ExportError as error:
+        raise ModelSourceError(str(error)) from None
+    if card.get("kind") != kind:
+        raise ModelSourceError(f"{src} is an export of an {card.get('kind')}, not of "
+                               f"{'an' if kind == 'encoder' else 'a'} {kind}; give {instead}")
+    return copy, card
+
+
 def load_pretrained(src: str) -> Pretrained:
     """The encoder and head of a pretraining run directory (simclr.keras) or
     of an encoder export version directory (its Keras copy)."""
-    from contrastive_tf import export
-
     if os.path.isfile(os.path.join(src, "simclr.keras")):
         model = keras.models.load_model(os.path.join(src, "simclr.keras"))
         return Pretrained(model.encoder, model.projection_head, src)
     if os.path.isfile(os.path.join(src, "model_card.json")):
-        try:
-            copy, card = export.load_keras_copy(src)
-        except export.ExportError as error:
-            raise ModelSourceError(str(error)) from None
-        if card.get("kind") != "encoder":
-            raise ModelSourceError(f"{src} is an export of a {card.get('kind')}, not of an "
-                                   "encoder; give a pretraining run or an encoder export")
+        copy, card = _export_copy(src, "encoder", "a pretraining run or an encoder export")
         head = card.get("projection_head")
         return Pretrained(copy.get_layer(card["encoder"]),
                           copy.get_layer(head["name"]) if head else None, src)
+    if os.path.isfile(os.path.join(src, "classifier.keras")):
+        raise ModelSourceError(f"{src} is a fine-tuning or distillation run, not a "
+                               "pretrained encoder: give the pretraining run it came from")
     raise ModelSourceError(
         f"{src} is neither a pretraining run (a folder with simclr.keras, as "
         "experiments.pretrain writes) nor an encoder export (a version folder with "
@@ -224,32 +233,25 @@ def load_classifier(src: str) -> tuple[keras.Model, tuple[str, ...]]:
     """A classifier and its class names, from a fine-tuning or distillation
     run directory (classifier.keras, class_names.json) or a classifier
     export version directory (its Keras copy)."""
-    from contrastive_tf import export
-
     path = os.path.join(src, "classifier.keras")
     if os.path.isfile(path):
         names_path = os.path.join(src, "class_names.json")
         names = read_json(names_path) if os.path.exists(names_path) else None
         classifier = keras.models.load_model(path)
-        count = int(classifier.output.shape[-1])
-        return classifier, tuple(names or (str(i) for i in range(count)))
-    if os.path.isfile(os.path.join(src, "model_card.json")):
-        try:
-            copy, card = export.load_keras_copy(src)
-        except export.ExportError as error:
-            raise ModelSourceError(str(error)) from None
-        if card.get("kind") != "classifier":
-            raise ModelSourceError(f"{src} is an export of an {card.get('kind')}, not of a "
-                                   "classifier; give a fine-tuning run or a classifier export")
-        count = int(copy.output.shape[-1])
-        return copy, tuple(card.get("class_names") or (str(i) for i in range(count)))
-    if os.path.isfile(os.path.join(src, "simclr.keras")):
+    elif os.path.isfile(os.path.join(src, "model_card.json")):
+        classifier, card = _export_copy(src, "classifier",
+                                        "a fine-tuning run or a classifier export")
+        names = card.get("class_names")
+    elif os.path.isfile(os.path.join(src, "simclr.keras")):
         raise ModelSourceError(f"{src} is a pretraining run, not a classifier: fine-tune it "
                                "first (experiments.finetune)")
-    raise ModelSourceError(
-        f"{src} is neither a fine-tuning / distillation run (a folder with "
-        "classifier.keras) nor a classifier export (a version folder with saved_model.pb "
-        "and model_card.json)")
+    else:
+        raise ModelSourceError(
+            f"{src} is neither a fine-tuning / distillation run (a folder with "
+            "classifier.keras) nor a classifier export (a version folder with saved_model.pb "
+            "and model_card.json)")
+    count = int(classifier.output.shape[-1])
+    return classifier, tuple(names or (str(i) for i in range(count)))
 
 
 def validation_split(source: data.Source, fraction: float,
@@ -317,15 +319,29 @@ def save_classifier(classifier: keras.Model, class_names, folder: str) -> None:
     write_json(os.path.join(folder, "class_names.json"), list(class_names))
 
 
-def load_labelled(spec: str, role: str, size: int, channels: int,
-                  data_dir: str | None = None, say=print) -> data.Source:
-    """A labelled set a job was given, whole, as a model of `size` x `size`
-    x `channels` images needs it (converted, and said so)."""
+def reporter(job: str, verbose: int):
+    """The progress printer of a job: `[job] message` lines, or nothing."""
+    if not verbose:
+        return lambda message: None
+    return lambda message: print(f"[{job}] {message}", flush=True)
+
+
+def load_images(spec: str, role: str, size: int, channels: int,
+                data_dir: str | None = None, say=print) -> data.Source:
+    """The images a job was given for `role`, whole, as a model of `size` x
+    `size` x `channels` images needs them (converted, and said so)."""
     source = data.load_whole(spec, role, data_dir=data_dir, image_size=size,
                              channels=channels)
     source, note = data.conform(source, size, channels)
     if note:
         say(note)
+    return source
+
+
+def load_labelled(spec: str, role: str, size: int, channels: int,
+                  data_dir: str | None = None, say=print) -> data.Source:
+    """`load_images`, for a set that must be labelled."""
+    source = load_images(spec, role, size, channels, data_dir, say)
     if not source.labelled:
         raise data.DataError(f"{spec}: needs labels (a folder with one subfolder per class, "
                              "or a labelled dataset)")
@@ -338,7 +354,7 @@ def run_finetune(config: FinetuneConfig, verbose: int = 1) -> dict:
     pipeline's recipe; writes classifier.keras, class_names.json and
     summary.json into `config.output_dir`."""
     started = time.time()
-    say = (lambda m: print(f"[finetune] {m}", flush=True)) if verbose else (lambda m: None)
+    say = reporter("finetune", verbose)
     claim_output_dir(config.output_dir, "finetune", config.to_dict())
     pretrained = load_pretrained(config.encoder)
     size, channels = pretrained.image_size, pretrained.channels

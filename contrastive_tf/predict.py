@@ -17,7 +17,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from contrastive_tf import data, finetune
+from contrastive_tf import finetune
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +44,10 @@ def _batches(model, images, batch_size):
 
 def run_predict(config, verbose: int = 1) -> dict:
     """Writes `config.output` (CSV) and optionally `config.embeddings`."""
-    say = (lambda m: print(f"[predict] {m}", flush=True)) if verbose else (lambda m: None)
+    say = finetune.reporter("predict", verbose)
     kind, model, class_names = load_model(config.model)
     size, channels = int(model.input.shape[1]), int(model.input.shape[-1])
-    source = data.load_whole(config.dataset, "test", data_dir=config.data_dir,
-                             image_size=size, channels=channels)
-    source, note = data.conform(source, size, channels)
-    if note:
-        say(note)
+    source = finetune.load_images(config.dataset, "test", size, channels, config.data_dir, say)
     if source.skipped:
         log.warning("%s: %d file(s) could not be read and are listed in %s with their "
                     "error: %s", config.dataset, len(source.skipped), config.output,

@@ -11,21 +11,13 @@ teacher's architecture freshly initialised, a ResNet of --student_depth /
 classifier.keras, class_names.json and summary.json into --output_dir.
 """
 
-from absl import app, logging
+from absl import app
 
 from contrastive_tf.config import DistillConfig
 from experiments import jobs
 
 jobs.define_flags(DistillConfig)
-
-
-@jobs.reports_known_errors
-def main(argv):
-    config = jobs.config_from_flags(DistillConfig, argv)
-    logging.set_verbosity(logging.WARNING)
-    from contrastive_tf import distill
-    distill.run_distill(config)
-
+main = jobs.job_main(DistillConfig, "contrastive_tf.distill:run_distill")
 
 if __name__ == "__main__":
     app.run(main)

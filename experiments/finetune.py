@@ -9,21 +9,13 @@
 classifier.keras, class_names.json and summary.json into --output_dir.
 """
 
-from absl import app, logging
+from absl import app
 
 from contrastive_tf.config import FinetuneConfig
 from experiments import jobs
 
 jobs.define_flags(FinetuneConfig)
-
-
-@jobs.reports_known_errors
-def main(argv):
-    config = jobs.config_from_flags(FinetuneConfig, argv)
-    logging.set_verbosity(logging.WARNING)
-    from contrastive_tf import finetune
-    finetune.run_finetune(config)
-
+main = jobs.job_main(FinetuneConfig, "contrastive_tf.finetune:run_finetune")
 
 if __name__ == "__main__":
     app.run(main)

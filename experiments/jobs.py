@@ -9,9 +9,10 @@ traceback.
 
 import dataclasses
 import functools
+import importlib
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 _DEFINE = {"int": flags.DEFINE_integer, "float": flags.DEFINE_float,
            "bool": flags.DEFINE_bool, "str": flags.DEFINE_string,
@@ -67,3 +68,15 @@ def reports_known_errors(main):
                 sys.exit(1)
             raise
     return wrapper
+
+
+def job_main(config_cls, run: str):
+    """The absl `main` of a job: the config from the flags, then
+    `run(config)` ("module:function", imported once the flags are valid)."""
+    @reports_known_errors
+    def main(argv):
+        config = config_from_flags(config_cls, argv)
+        logging.set_verbosity(logging.WARNING)
+        module, function = run.split(":")
+        getattr(importlib.import_module(module), function)(config)
+    return main

@@ -9,21 +9,13 @@ One CSV row per image: its file, the class, its probability and the top-k;
 unreadable files are listed with their error.
 """
 
-from absl import app, logging
+from absl import app
 
 from contrastive_tf.config import PredictConfig
 from experiments import jobs
 
 jobs.define_flags(PredictConfig)
-
-
-@jobs.reports_known_errors
-def main(argv):
-    config = jobs.config_from_flags(PredictConfig, argv)
-    logging.set_verbosity(logging.WARNING)
-    from contrastive_tf import predict
-    predict.run_predict(config)
-
+main = jobs.job_main(PredictConfig, "contrastive_tf.predict:run_predict")
 
 if __name__ == "__main__":
     app.run(main)

@@ -53,7 +53,6 @@ class LARS(keras.optimizers.Optimizer):
                  trust_coefficient: float = 0.001, weight_decay: float = 1e-6,
                  exclude_bias_and_norm: bool = True, name: str = "lars",
                  **kwargs):
-        kwargs.pop("weight_decay", None)
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
         if not 0 <= momentum < 1:
             raise ValueError(f"Expected 0 <= momentum < 1. Received: momentum={momentum}")

@@ -17,7 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from contrastive_tf import data, evaluation, optim, precision
+from contrastive_tf import data, distribution, evaluation, optim, precision
 from contrastive_tf.augment import SimCLRAugmenter
 from contrastive_tf.backbones import resnet
 from contrastive_tf.config import PretrainConfig, read_json, write_json
@@ -69,34 +69,6 @@ def save_checkpoint(manager: tf.train.CheckpointManager, step: int) -> str:
 
 class ResumeError(RuntimeError):
     """A model_dir holds a run that this config cannot continue."""
-
-
-def make_strategy(name: str) -> tf.distribute.Strategy:
-    """The tf.distribute strategy for a job's `--strategy` flag."""
-    if name == "default":
-        return tf.distribute.get_strategy()
-    if name == "mirrored":
-        return tf.distribute.MirroredStrategy()
-    if name == "multi_worker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    if name == "tpu":
-        resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
-        tf.config.experimental_connect_to_cluster(resolver)
-        tf.tpu.experimental.initialize_tpu_system(resolver)
-        return tf.distribute.TPUStrategy(resolver)
-    raise ValueError(f"Unknown strategy {name!r}")
-
-
-def is_chief(strategy: tf.distribute.Strategy) -> bool:
-    """Whether this process writes the shared outputs (model_dir)."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.cluster_spec().as_dict():
-        return True
-    task_type, task_id = resolver.task_type, resolver.task_id
-    if task_type == "chief":
-        return True
-    has_chief = "chief" in resolver.cluster_spec().as_dict()
-    return task_type == "worker" and task_id == 0 and not has_chief
 
 
 def build_model(config: PretrainConfig) -> SimCLR:
@@ -304,12 +276,12 @@ def _pretrain(config: PretrainConfig, choice: precision.Choice, requested: str,
                        image_size=config.image_size, channels=config.channels)
     channels = source.image_shape[-1]
     config = dataclasses.replace(config, channels=channels)
-    strategy = make_strategy(config.strategy)
+    strategy = distribution.make_strategy(config.strategy)
     replicas = strategy.num_replicas_in_sync
     if config.batch_size % replicas:
         raise ValueError(f"batch_size={config.batch_size} is not divisible by "
                          f"the {replicas} replicas of strategy {config.strategy!r}")
-    chief = is_chief(strategy)
+    chief = distribution.is_chief(strategy)
     work_dir = config.model_dir if chief else os.path.join(
         config.model_dir, f"worker_tmp_{strategy.cluster_resolver.task_id}")
     os.makedirs(work_dir, exist_ok=True)

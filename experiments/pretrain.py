@@ -102,7 +102,6 @@ def main(argv):
     except ValueError as error:
         raise app.UsageError(str(error))
     logging.set_verbosity(logging.WARNING)
-    # Imported here so --help and flag errors answer before TensorFlow loads.
     from contrastive_tf import training
     training.pretrain(config)
 

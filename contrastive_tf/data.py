@@ -59,6 +59,8 @@ class Source:
         dataset: unbatched `(image, label)` dataset for streaming sources.
         skipped: files that could not be decoded and were left out.
         paths: for folders, the file of each image (index = row).
+        stored_shapes: for folders, the (width, height, channels) the files
+            have before they are brought to one size.
     """
     spec: str
     split: str
@@ -69,6 +71,7 @@ class Source:
     dataset: tf.data.Dataset | None = None
     skipped: tuple[str, ...] = ()
     paths: tuple[str, ...] = ()
+    stored_shapes: frozenset = frozenset()
 
     @property
     def num_classes(self) -> int:
@@ -268,13 +271,16 @@ def load_tfds(name: str, split: str = "train", data_dir: str | None = None,
                   class_names=label_names, dataset=dataset)
 
 
-def _decode_file(path: str, size: int, channels: int) -> np.ndarray:
+def _decode_file(path: str, size: int, channels: int) -> tuple[np.ndarray, tuple]:
+    """The image at `size` x `size` x `channels`, and its own
+    (width, height, channels) as stored."""
     from PIL import Image, ImageOps
 
     with Image.open(path) as image:
         image.load()
         if image.width == 0 or image.height == 0:
             raise OSError("zero-size image")
+        stored = (image.width, image.height, 1 if image.mode in _GRAY_MODES else 3)
         if image.mode in ("I;16", "I;16B", "I;16L", "I"):
             wide = np.asarray(image, dtype=np.float64)
             top = 65535.0 if image.mode.startswith("I;16") or wide.max() > 255 else 255.0
@@ -287,7 +293,7 @@ def _decode_file(path: str, size: int, channels: int) -> np.ndarray:
         image = image.convert("L" if channels == 1 else "RGB")
         image = ImageOps.fit(image, (size, size), Image.Resampling.BICUBIC)
         array = np.asarray(image, dtype=np.uint8)
-    return array.reshape(size, size, channels)
+    return array.reshape(size, size, channels), stored
 
 
 def _held_out(files: Sequence[str], root: str, groups: np.ndarray,
@@ -428,7 +434,8 @@ def load_folder(path: str, image_size: int, channels: int = 0,
     if not keep:
         raise DataError(f"folder:{path}: none of the {len(files)} files could "
                         "be decoded")
-    images = np.stack([results[i][0] for i in keep])
+    images = np.stack([results[i][0][0] for i in keep])
+    stored = frozenset(results[i][0][1] for i in keep)
     kept_labels = None if labels is None else np.asarray(labels, np.int32)[keep]
     if split != "all":
         groups = kept_labels if kept_labels is not None else np.zeros(len(keep), np.int32)
@@ -444,7 +451,8 @@ def load_folder(path: str, image_size: int, channels: int = 0,
         kept_files = [kept_files[i] for i in chosen]
     source = from_arrays(images, kept_labels, class_names or None,
                          f"folder:{path}", split)
-    return dataclasses.replace(source, skipped=tuple(bad), paths=tuple(kept_files))
+    return dataclasses.replace(source, skipped=tuple(bad), paths=tuple(kept_files),
+                               stored_shapes=stored)
 
 
 def load(spec: str, split: str = "train", data_dir: str | None = None,
@@ -540,17 +548,9 @@ def conform(source: Source, image_size: int, channels: int) -> tuple[Source, str
 def _files_note(source: Source, image_size: int, channels: int) -> str | None:
     """What reading a folder at `image_size` x `channels` changed in its
     files (other sizes, other channel counts), or None."""
-    from PIL import Image
-
-    if not source.paths:
-        return None
-    sizes, modes = set(), set()
-    for path in source.paths:
-        with Image.open(path) as image:
-            sizes.add(image.size)
-            modes.add(1 if image.mode in _GRAY_MODES else 3)
-    resized = sorted(f"{w}x{h}" for w, h in sizes if (w, h) != (image_size, image_size))
-    recoloured = sorted(m for m in modes if m != channels)
+    resized = sorted({f"{w}x{h}" for w, h, _ in source.stored_shapes
+                      if (w, h) != (image_size, image_size)})
+    recoloured = sorted({c for _, _, c in source.stored_shapes if c != channels})
     if not resized and not recoloured:
         return None
     changes = []

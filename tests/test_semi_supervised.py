@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import subprocess
@@ -189,6 +190,23 @@ def test_distiller_moves_the_student_towards_the_teacher():
     distiller.fit(tf.data.Dataset.from_tensor_slices(images).batch(32), epochs=1, verbose=0)
     for before, w in zip(teacher_before, teacher.weights):
         np.testing.assert_array_equal(before, w.numpy())  # the teacher is frozen
+
+
+def test_distillation_with_a_separate_labelled_set_learns_from_its_labels():
+    # The teacher is untrained (its soft labels carry no information); with a
+    # heavy labelled term the student still learns the task from the
+    # separate labelled batches.
+    from contrastive_tf import distill
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((16, 16, 1))
+    teacher = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(inputs)))
+    student = finetune.build_classifier(tiny_encoder(16, 1), 3)
+    pool = dataclasses.replace(_separable(64, 5), labels=None)
+    labelled, test = _separable(48), _separable(60, 2)
+    distill.distill(teacher, student, pool, labelled=labelled, label_weight=5.0, epochs=8,
+                    batch_size=16, learning_rate=0.05, verbose=0)
+    assert finetune.evaluate_classifier(student, test) > 0.8
+    assert finetune.evaluate_classifier(teacher, test) < 0.6
 
 
 def test_distiller_rejects_mismatched_classes():

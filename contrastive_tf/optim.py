@@ -120,8 +120,9 @@ class LARS(keras.optimizers.Optimizer):
 
 
 @keras.saving.register_keras_serializable(package="contrastive_tf")
-class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warmup from 0 to `peak` over `warmup_steps`, then cosine to 0.
+class WarmupCosine(keras.optimizers.schedules.CosineDecay):
+    """Linear warmup from 0 to `peak` over `warmup_steps`, then cosine to 0:
+    Keras' `CosineDecay` with `warmup_target`, under SimCLR's parameters.
 
     lr(s) = peak * s / warmup_steps                                for s < warmup
     lr(s) = peak * 0.5 * (1 + cos(pi * (s - warmup) / (total - warmup)))  after,
@@ -143,15 +144,12 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
         self.peak = float(peak)
         self.warmup_steps = int(warmup_steps)
         self.total_steps = int(total_steps)
-
-    def __call__(self, step):
-        step = ops.cast(step, "float32")
-        warmup = float(max(self.warmup_steps, 1))
-        decay_steps = float(max(self.total_steps - self.warmup_steps, 1))
-        progress = ops.clip((step - self.warmup_steps) / decay_steps, 0.0, 1.0)
-        cosine = 0.5 * self.peak * (1.0 + ops.cos(math.pi * progress))
-        linear = self.peak * step / warmup
-        return ops.where(step < self.warmup_steps, linear, cosine)
+        decay_steps = max(self.total_steps - self.warmup_steps, 1)
+        if self.warmup_steps:
+            super().__init__(0.0, decay_steps, warmup_target=self.peak,
+                             warmup_steps=self.warmup_steps)
+        else:
+            super().__init__(self.peak, decay_steps)
 
     def get_config(self):
         return {"peak": self.peak, "warmup_steps": self.warmup_steps,

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from contrastive_tf import compat
+
 
 def replica_info() -> tuple[int, tf.Tensor | int]:
     """Returns `(num_replicas, replica_id)` for the current context.
@@ -72,7 +74,7 @@ def replica_seed(seed: tf.Tensor) -> tf.Tensor:
 def _multi_worker() -> bool:
     strategy = tf.distribute.get_strategy()
     return (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-            and strategy.extended._in_multi_worker_mode())
+            and compat.in_multi_worker_mode(strategy))
 
 
 def step_logs(logs: dict) -> dict:

@@ -11,6 +11,8 @@ import math
 import keras
 from keras import ops
 
+from contrastive_tf import compat
+
 OPTIMIZERS = ("lars", "sgd", "adamw")
 SCALINGS = ("linear", "sqrt", "none")
 
@@ -78,7 +80,7 @@ class LARS(keras.optimizers.Optimizer):
         super().exclude_from_weight_decay(var_list=var_list)
         # Keras' own variable identity (update_step receives the backend's
         # variable, not the keras.Variable the caller holds).
-        self._excluded = frozenset(self._var_key(v) for v in var_list or [])
+        self._excluded = frozenset(compat.variable_key(self, v) for v in var_list or [])
 
     def build(self, var_list):
         if self.built:
@@ -87,7 +89,7 @@ class LARS(keras.optimizers.Optimizer):
         self._velocities = self.add_optimizer_variables(var_list, "velocity")
 
     def _adapted(self, variable) -> bool:
-        if self._var_key(variable) in self._excluded:
+        if compat.variable_key(self, variable) in self._excluded:
             return False
         return not (self.exclude_bias_and_norm and len(variable.shape) <= 1)
 

@@ -17,7 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from contrastive_tf import data, distribution, evaluation, optim, precision
+from contrastive_tf import compat, data, distribution, evaluation, optim, precision
 from contrastive_tf.augment import SimCLRAugmenter
 from contrastive_tf.backbones import resnet
 from contrastive_tf.config import PretrainConfig, read_json, write_json
@@ -49,7 +49,7 @@ def save_checkpoint(manager: tf.train.CheckpointManager, step: int) -> str:
     try:
         return manager.save(checkpoint_number=step)
     except (tf.errors.OpError, OSError) as error:
-        prefix = os.path.basename(manager._checkpoint_prefix)  # "ckpt"
+        prefix = os.path.basename(compat.checkpoint_prefix(manager))  # "ckpt"
         partial = (f"{prefix}-{step}_temp", f"{prefix}-{step}.")
         if not (manager.latest_checkpoint or "").endswith(f"{prefix}-{step}"):
             for name in os.listdir(manager.directory):

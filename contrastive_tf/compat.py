@@ -1,0 +1,79 @@
+"""The private Keras / TensorFlow API this package relies on, in one place.
+
+Each use has a reason no public API covers (given beside it). `missing()`
+lists what a Keras / TensorFlow upgrade removed; tests/test_compat.py fails
+naming it, so an upgrade breaks one test with a clear message rather than a
+training run somewhere deep.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+# (where, attribute, why)
+PRIVATE_API = (
+    ("keras.Model", "_maybe_symbolic_build",
+     "distribution.BuiltAtInit overrides it: Keras 3.15 builds a model under a strategy "
+     "by reducing the first batch, which fails under MultiWorkerMirroredStrategy"),
+    ("CollectiveAllReduceExtended", "_in_multi_worker_mode",
+     "distribution.step_logs: whether MultiWorkerMirroredStrategy spans processes"),
+    ("tf.train.CheckpointManager instance", "_checkpoint_prefix",
+     "training.save_checkpoint: the file prefix, to remove a partial checkpoint"),
+    ("keras.layers.TFSMLayer", "_add_existing_weight",
+     "export._ExportedFeatures overrides it to give weights names optimisers accept"),
+    ("keras.layers.Layer", "_track_variable", "export._ExportedFeatures: tracks them"),
+    ("keras.optimizers.Optimizer", "_var_key",
+     "optim.LARS: Keras' identity of a variable, the one update_step receives"),
+    ("tensorflow.python.profiler.internal", "_pywrap_profiler_plugin",
+     "experiments/benchmark.py --profile: op statistics from the profiler's trace"),
+)
+
+
+def _holder(where: str, tmp_dir: str | None = None):
+    if where == "keras.Model":
+        return keras.Model
+    if where == "CollectiveAllReduceExtended":
+        from tensorflow.python.distribute import collective_all_reduce_strategy as module
+        return module.CollectiveAllReduceExtended
+    if where == "tf.train.CheckpointManager instance":
+        return tf.train.CheckpointManager(tf.train.Checkpoint(), tmp_dir, max_to_keep=1)
+    if where == "keras.layers.TFSMLayer":
+        return keras.layers.TFSMLayer
+    if where == "keras.layers.Layer":
+        return keras.layers.Layer
+    if where == "keras.optimizers.Optimizer":
+        return keras.optimizers.Optimizer
+    if where == "tensorflow.python.profiler.internal":
+        import importlib
+        return importlib.import_module(where)
+    raise ValueError(f"unknown holder {where!r}")
+
+
+def missing(tmp_dir: str) -> list[str]:
+    """The private attributes this package uses that are gone, each with why
+    it is used (`tmp_dir`: a folder for a throwaway CheckpointManager)."""
+    gone = []
+    for where, name, why in PRIVATE_API:
+        try:
+            present = hasattr(_holder(where, tmp_dir), name)
+        except ImportError:
+            present = False
+        if not present:
+            gone.append(f"{where}.{name} (used by {why})")
+    return gone
+
+
+def checkpoint_prefix(manager: tf.train.CheckpointManager) -> str:
+    """The path prefix of a CheckpointManager's files ("<dir>/ckpt")."""
+    return manager._checkpoint_prefix
+
+
+def in_multi_worker_mode(strategy: tf.distribute.Strategy) -> bool:
+    """Whether a MultiWorkerMirroredStrategy spans several processes."""
+    return strategy.extended._in_multi_worker_mode()
+
+
+def variable_key(optimizer: keras.optimizers.Optimizer, variable) -> int:
+    """Keras' identity of a variable inside an optimizer."""
+    return optimizer._var_key(variable)

@@ -14,10 +14,8 @@ import keras
 import keras_cv
 import tensorflow as tf
 
-from contrastive_tf import distribution
+from contrastive_tf import data, distribution
 
-# ITU-R 601 luma weights, as tf.image.rgb_to_grayscale uses.
-_LUMA = (0.2989, 0.5870, 0.1140)
 
 
 def _pair(value, name: str) -> tuple[int, int]:
@@ -67,7 +65,7 @@ def grayscale(images: tf.Tensor) -> tf.Tensor:
     channels = images.shape[-1]
     if channels == 1:
         return images
-    luma = tf.reduce_sum(images * tf.constant(_LUMA, images.dtype), axis=-1,
+    luma = tf.reduce_sum(images * tf.constant(data.LUMA, images.dtype), axis=-1,
                          keepdims=True)
     return tf.tile(luma, [1, 1, 1, channels])
 

@@ -18,6 +18,13 @@ ARCHITECTURE_FIELDS = ("image_size", "channels", "depth", "width_multiplier",
                        "projection_dim", "ft_layer", "optimizer")
 
 
+def _refuse(kind: str, checks, detail: str = "") -> None:
+    """Raises one ValueError naming every failed (ok, message) check."""
+    problems = [message for ok, message in checks if not ok]
+    if problems:
+        raise ValueError(f"Invalid {kind} config: " + "; ".join(problems) + detail)
+
+
 @dataclasses.dataclass(frozen=True)
 class PretrainConfig:
     """Everything a pretraining run depends on."""
@@ -88,10 +95,7 @@ class PretrainConfig:
             (0 <= self.ft_layer < self.projection_layers,
              "ft_layer must be in [0, projection_layers)"),
         ]
-        problems = [message for ok, message in checks if not ok]
-        if problems:
-            raise ValueError("Invalid pretraining config: " + "; ".join(problems)
-                             + f". Received: {self.to_dict()}")
+        _refuse("pretraining", checks, f". Received: {self.to_dict()}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -182,9 +186,7 @@ class PipelineConfig:
             (self.label_seeds == 1 or not self.labelled_dataset,
              "label_seeds draws fractions of one labelled set: not with labelled_dataset"),
         ]
-        problems = [message for ok, message in checks if not ok]
-        if problems:
-            raise ValueError("Invalid pipeline config: " + "; ".join(problems))
+        _refuse("pipeline", checks)
 
     @property
     def teacher_fractions(self) -> tuple[float, ...]:
@@ -269,9 +271,7 @@ class FinetuneConfig:
             (self.learning_rate > 0, "learning_rate must be > 0"),
             (0 < self.crop_min_area <= 1, "crop_min_area must be in (0, 1]"),
         ]
-        problems = [message for ok, message in checks if not ok]
-        if problems:
-            raise ValueError("Invalid fine-tuning config: " + "; ".join(problems))
+        _refuse("fine-tuning", checks)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -311,9 +311,7 @@ class DistillConfig:
              "give student_encoder or student_depth, not both"),
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}"),
         ]
-        problems = [message for ok, message in checks if not ok]
-        if problems:
-            raise ValueError("Invalid distillation config: " + "; ".join(problems))
+        _refuse("distillation", checks)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -39,6 +39,8 @@ _IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
               "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 
 log = logging.getLogger(__name__)
+# ITU-R 601 luma weights, as tf.image.rgb_to_grayscale uses (augment.grayscale too).
+LUMA = (0.2989, 0.5870, 0.1140)
 
 
 class DataError(ValueError):
@@ -437,17 +439,16 @@ def load_folder(path: str, image_size: int, channels: int = 0,
     images = np.stack([results[i][0][0] for i in keep])
     stored = frozenset(results[i][0][1] for i in keep)
     kept_labels = None if labels is None else np.asarray(labels, np.int32)[keep]
+    kept_files = [files[i] for i in keep]
     if split != "all":
         groups = kept_labels if kept_labels is not None else np.zeros(len(keep), np.int32)
-        test = _held_out([files[i] for i in keep], path, groups, test_fraction)
+        test = _held_out(kept_files, path, groups, test_fraction)
         chosen = np.flatnonzero(test if split == "test" else ~test)
         if chosen.size == 0:
             raise DataError(f"folder:{path}: split {split!r} with test_fraction="
                             f"{test_fraction} is empty")
         images = images[chosen]
         kept_labels = None if kept_labels is None else kept_labels[chosen]
-    kept_files = [files[i] for i in keep]
-    if split != "all":
         kept_files = [kept_files[i] for i in chosen]
     source = from_arrays(images, kept_labels, class_names or None,
                          f"folder:{path}", split)
@@ -531,7 +532,7 @@ def conform(source: Source, image_size: int, channels: int) -> tuple[Source, str
     images = source.images
     if have != channels:
         if channels == 1:
-            luma = images.astype(np.float32) @ np.array([0.2989, 0.5870, 0.1140], np.float32)
+            luma = images.astype(np.float32) @ np.array(LUMA, np.float32)
             images = np.clip(np.round(luma), 0, 255).astype(np.uint8)[..., None]
         else:
             images = np.repeat(images, 3, axis=-1)

@@ -67,7 +67,7 @@ def run_predict(config, verbose: int = 1) -> dict:
             rows.append([name, class_names[best], f"{probabilities[row, best]:.6f}",
                          ";".join(f"{class_names[c]}:{probabilities[row, c]:.4f}"
                                   for c in top[row])])
-        if source.labelled and tuple(source.class_names) != ():
+        if source.labelled:
             truth = finetune.match_classes(source, tuple(class_names)).labels
             header.append("label")
             for row in range(len(rows)):

@@ -289,14 +289,14 @@ def export_stage(out: str, pre, teacher, student, class_names, card: dict) -> di
 
 def report_stage(out: str, results: Results, report: dict, title: str) -> dict:
     """results.json, results.md and label_efficiency.png; prints the table."""
-    means = results.means()
-    report = dict(means, **report, spread=results.spread())
+    means, spread = results.means(), results.spread()
+    report = dict(means, **report, spread=spread)
     write_json(os.path.join(out, "results.json"), report)
-    table = results_table(means, results.spread())
+    table = results_table(means, spread)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(f"# {title} (test accuracy)\n\n{table}\n")
     plot_label_efficiency(means, os.path.join(out, "label_efficiency.png"), title=title,
-                          spread=results.spread())
+                          spread=spread)
     print("\n" + table + "\n", flush=True)
     return report
 

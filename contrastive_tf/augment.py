@@ -78,8 +78,9 @@ def shift_hue(images: tf.Tensor, shift: tf.Tensor) -> tf.Tensor:
     With M, m the largest and smallest channel and C = M - m, each output
     channel is `m + C * d(h')` for the rotated hue h' (`d` as in
     `tf.image.hsv_to_rgb`), so the HSV round trip reduces to elementwise ops
-    on the three channel planes: about 3x faster than TensorFlow's
-    `rgb_to_hsv` + `hsv_to_rgb` kernels on this project's CPU.
+    on the three channel planes, cheaper than TensorFlow's `rgb_to_hsv` +
+    `hsv_to_rgb` kernels (measured: BENCHMARKS.md, "partitioned colour
+    jitter").
 
     Args:
         images: `(batch, height, width, 3)` floats in [0, 1].
@@ -119,7 +120,7 @@ def color_jitter(images: tf.Tensor, factors: tf.Tensor, hue_shifts: tf.Tensor,
     At each of the k steps every image gets its own op: the batch is split
     by op (`dynamic_partition`), each op runs on its part only, and the parts
     are stitched back, so a step costs about one op per image rather than
-    every op on every image and a select (3.7x faster on this project's CPU).
+    every op on every image and a select (measured: BENCHMARKS.md).
     """
     per_image = lambda v: tf.reshape(v, [-1, 1, 1, 1])  # noqa: E731
 

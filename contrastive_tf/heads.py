@@ -6,7 +6,7 @@ import keras
 from keras import layers
 
 from contrastive_tf import distribution
-from contrastive_tf.backbones import FusedBatchNormalization
+from contrastive_tf.kernels import FusedBatchNormalization
 
 
 @keras.saving.register_keras_serializable(package="contrastive_tf")

@@ -4,8 +4,8 @@ without leaking it.
 `choose("auto")` picks mixed_bfloat16 where bfloat16 runs natively (a CPU
 with AMX or AVX-512 BF16, a GPU of compute capability 8.0 or newer),
 mixed_float16 on older GPUs and float32 elsewhere: on a CPU without native
-bf16 (AVX2 only) bf16 is emulated and a training step runs about 4x slower
-than in float32. An explicit precision is honoured, with a warning when it is
+bf16 (AVX2 only) bf16 is emulated and a training step runs several times
+slower than in float32 (BENCHMARKS.md). An explicit precision is honoured, with a warning when it is
 emulated on this machine.
 
 `policy_scope(name)` sets Keras' global dtype policy for the models built
@@ -110,11 +110,11 @@ def choose(requested: str = "auto", flags: frozenset[str] | None = None,
                           "float16 with loss scaling")
         return Choice("float32", "auto: this CPU has no native bfloat16 (no "
                       f"{' / '.join(NATIVE_BF16_CPU_FLAGS)}), where bf16 is emulated "
-                      "and about 4x slower than float32")
+                      "and several times slower than float32")
     warning = None
     if requested == "mixed_bfloat16" and not bf16_native:
         warning = (f"precision mixed_bfloat16 was asked for, but this {device} has no "
-                   "native bfloat16: it is emulated and a training step runs about 4x "
+                   "native bfloat16: it is emulated and a training step runs several times "
                    "slower than in float32 (use --precision=auto or float32)")
     elif requested == "mixed_float16" and not fp16_native:
         warning = ("precision mixed_float16 was asked for, but this CPU has no native "

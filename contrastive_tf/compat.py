@@ -25,6 +25,10 @@ PRIVATE_API = (
     ("keras.layers.Layer", "_track_variable", "export._ExportedFeatures: tracks them"),
     ("keras.optimizers.Optimizer", "_var_key",
      "optim.LARS: Keras' identity of a variable, the one update_step receives"),
+    ("keras.src.backend.common.global_state", "get_global_attribute",
+     "seeds.seeded: Keras keeps its global seed and SeedGenerator there, to restore them"),
+    ("keras.src.backend.common.global_state", "set_global_attribute",
+     "seeds.seeded: puts them back"),
     ("tensorflow.python.profiler.internal", "_pywrap_profiler_plugin",
      "experiments/benchmark.py --profile: op statistics from the profiler's trace"),
 )
@@ -44,7 +48,8 @@ def _holder(where: str, tmp_dir: str | None = None):
         return keras.layers.Layer
     if where == "keras.optimizers.Optimizer":
         return keras.optimizers.Optimizer
-    if where == "tensorflow.python.profiler.internal":
+    if where in ("tensorflow.python.profiler.internal",
+                 "keras.src.backend.common.global_state"):
         import importlib
         return importlib.import_module(where)
     raise ValueError(f"unknown holder {where!r}")
@@ -77,3 +82,21 @@ def in_multi_worker_mode(strategy: tf.distribute.Strategy) -> bool:
 def variable_key(optimizer: keras.optimizers.Optimizer, variable) -> int:
     """Keras' identity of a variable inside an optimizer."""
     return optimizer._var_key(variable)
+
+
+# Keras' names for its global seed state (keras.src.utils.rng_utils and
+# keras.src.random.seed_generator), which keras.utils.set_random_seed writes.
+_KERAS_SEED_ATTRIBUTES = ("global_random_seed", "global_seed_generator")
+
+
+def keras_seed_state() -> tuple:
+    """Keras' global seed and global SeedGenerator, as they are now."""
+    from keras.src.backend.common import global_state
+    return tuple(global_state.get_global_attribute(name) for name in _KERAS_SEED_ATTRIBUTES)
+
+
+def restore_keras_seed_state(state: tuple) -> None:
+    """Puts back what `keras_seed_state` returned."""
+    from keras.src.backend.common import global_state
+    for name, value in zip(_KERAS_SEED_ATTRIBUTES, state):
+        global_state.set_global_attribute(name, value)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 from contrastive_tf.backbones import SUPPORTED_DEPTHS
+from contrastive_tf.files import read_json, write_json  # noqa: F401  (re-exported)
 from contrastive_tf.optim import OPTIMIZERS, SCALINGS
 from contrastive_tf.precision import PRECISIONS
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
@@ -113,21 +113,6 @@ class PretrainConfig:
 
     def architecture(self) -> dict:
         return {name: getattr(self, name) for name in ARCHITECTURE_FIELDS}
-
-
-def write_json(path: str, payload: dict) -> None:
-    """Writes JSON atomically (temp file + rename)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def read_json(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
 
 
 @dataclasses.dataclass(frozen=True)

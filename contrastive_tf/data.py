@@ -20,7 +20,6 @@ import concurrent.futures
 import dataclasses
 import gzip
 import hashlib
-import json
 import logging
 import os
 import struct
@@ -28,6 +27,8 @@ from typing import Sequence
 
 import numpy as np
 import tensorflow as tf
+
+from contrastive_tf.files import write_json
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 EMBEDDED_PATH = os.path.join(_HERE, "datasets", "fashion_mnist_embedded.npz")
@@ -608,10 +609,7 @@ def write_indices(path: str, indices, **metadata) -> None:
                 indices=[int(i) for i in indices])
     body["sha256"] = hashlib.sha256(
         np.asarray(indices, np.int64).tobytes()).hexdigest()
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(body, f)
-    os.replace(tmp, path)
+    write_json(path, body, indent=None)
 
 
 # -- pipelines -------------------------------------------------------------------

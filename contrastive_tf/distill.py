@@ -10,7 +10,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from contrastive_tf import data, distribution, optim, precision
+from contrastive_tf import data, distribution, optim, precision, progress
 from contrastive_tf.losses import distillation_loss
 
 
@@ -182,10 +182,11 @@ def run_distill(config, verbose: int = 1) -> dict:
     `config.dataset`'s images (their own labels unused) for a student;
     writes classifier.keras, class_names.json and summary.json."""
     from contrastive_tf import finetune
-    from contrastive_tf.config import claim_output_dir, write_json
+    from contrastive_tf.config import claim_output_dir
+    from contrastive_tf.files import write_json
 
     started = time.time()
-    say = finetune.reporter("distill", verbose)
+    say = progress.logger("distill").info
     claim_output_dir(config.output_dir, "distill", config.to_dict())
     teacher, class_names = finetune.load_classifier(config.teacher)
     size, channels = int(teacher.input.shape[1]), int(teacher.input.shape[-1])

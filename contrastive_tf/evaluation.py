@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import keras
 import tensorflow as tf
+
+from contrastive_tf import progress
+
+log = progress.logger("pretrain")
 
 
 def embed(encoder_fn, images, batch_size: int = 256) -> np.ndarray:
@@ -125,7 +131,9 @@ class KNNMonitor(keras.callbacks.Callback):
         self.history.append((step, accuracy))
         if logs is not None:
             logs["knn_accuracy"] = accuracy
-        print(f"\nstep {step}: kNN accuracy {accuracy:.4f}", flush=True)
+        # On a terminal Keras' progress bar is mid-line here.
+        log.info("%sstep %d: kNN accuracy %.4f", "\n" if sys.stdout.isatty() else "",
+                 step, accuracy)
         if self.writer is not None:
             with self.writer.as_default():
                 tf.summary.scalar("knn_accuracy", accuracy, step=step)

@@ -17,9 +17,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from contrastive_tf import data, optim, precision
+from contrastive_tf import data, optim, precision, progress
 from contrastive_tf.augment import SimCLRAugmenter
-from contrastive_tf.config import FinetuneConfig, claim_output_dir, read_json, write_json
+from contrastive_tf.config import FinetuneConfig, claim_output_dir
+from contrastive_tf.files import atomic_path, read_json, write_json
 
 
 @keras.saving.register_keras_serializable(package="contrastive_tf")
@@ -313,33 +314,25 @@ def save_classifier(classifier: keras.Model, class_names, folder: str) -> None:
     """classifier.keras and class_names.json in `folder`, each written
     atomically."""
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, "classifier.tmp.keras")
-    classifier.save(tmp)
-    os.replace(tmp, os.path.join(folder, "classifier.keras"))
+    with atomic_path(os.path.join(folder, "classifier.keras")) as tmp:
+        classifier.save(tmp)
     write_json(os.path.join(folder, "class_names.json"), list(class_names))
 
 
-def reporter(job: str, verbose: int):
-    """The progress printer of a job: `[job] message` lines, or nothing."""
-    if not verbose:
-        return lambda message: None
-    return lambda message: print(f"[{job}] {message}", flush=True)
-
-
 def load_images(spec: str, role: str, size: int, channels: int,
-                data_dir: str | None = None, say=print) -> data.Source:
+                data_dir: str | None = None, say=None) -> data.Source:
     """The images a job was given for `role`, whole, as a model of `size` x
     `size` x `channels` images needs them (converted, and said so)."""
     source = data.load_whole(spec, role, data_dir=data_dir, image_size=size,
                              channels=channels)
     source, note = data.conform(source, size, channels)
     if note:
-        say(note)
+        (say or progress.logger("data").info)(note)
     return source
 
 
 def load_labelled(spec: str, role: str, size: int, channels: int,
-                  data_dir: str | None = None, say=print) -> data.Source:
+                  data_dir: str | None = None, say=None) -> data.Source:
     """`load_images`, for a set that must be labelled."""
     source = load_images(spec, role, size, channels, data_dir, say)
     if not source.labelled:
@@ -354,7 +347,7 @@ def run_finetune(config: FinetuneConfig, verbose: int = 1) -> dict:
     pipeline's recipe; writes classifier.keras, class_names.json and
     summary.json into `config.output_dir`."""
     started = time.time()
-    say = reporter("finetune", verbose)
+    say = progress.logger("finetune").info
     claim_output_dir(config.output_dir, "finetune", config.to_dict())
     pretrained = load_pretrained(config.encoder)
     size, channels = pretrained.image_size, pretrained.channels

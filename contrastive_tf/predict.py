@@ -17,7 +17,8 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from contrastive_tf import finetune
+from contrastive_tf import finetune, progress
+from contrastive_tf.files import atomic_open, atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def _batches(model, images, batch_size):
 
 def run_predict(config, verbose: int = 1) -> dict:
     """Writes `config.output` (CSV) and optionally `config.embeddings`."""
-    say = finetune.reporter("predict", verbose)
+    say = progress.logger("predict").info
     kind, model, class_names = load_model(config.model)
     size, channels = int(model.input.shape[1]), int(model.input.shape[-1])
     source = finetune.load_images(config.dataset, "test", size, channels, config.data_dir, say)
@@ -81,9 +82,8 @@ def run_predict(config, verbose: int = 1) -> dict:
             raise finetune.ModelSourceError(f"--embeddings needs an encoder (a pretraining "
                                             f"run or encoder export); {config.model} is a "
                                             "classifier")
-        tmp = config.embeddings + ".tmp.npy"
-        np.save(tmp, outputs.astype(np.float32))
-        os.replace(tmp, config.embeddings)
+        with atomic_path(config.embeddings) as tmp:
+            np.save(tmp, outputs.astype(np.float32))
         summary["embeddings"] = config.embeddings
         say(f"embeddings {outputs.shape} -> {config.embeddings}")
     header.append("error")
@@ -92,12 +92,10 @@ def run_predict(config, verbose: int = 1) -> dict:
         path, _, error = problem.partition(" (")
         rows.append([path] + [""] * (len(header) - 2) + [error.rstrip(")")])
     os.makedirs(os.path.dirname(os.path.abspath(config.output)), exist_ok=True)
-    tmp = config.output + ".tmp"
-    with open(tmp, "w", newline="") as f:
+    with atomic_open(config.output, newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         writer.writerows(rows)
-    os.replace(tmp, config.output)
     summary["output"] = config.output
     shown = f", accuracy {summary['accuracy']:.4f}" if "accuracy" in summary else ""
     say(f"{source.num_examples} images ({kind} {config.model}){shown} -> {config.output}"

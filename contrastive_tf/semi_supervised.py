@@ -22,17 +22,17 @@ import keras
 import numpy as np
 
 from contrastive_tf import (data, distill, evaluation, export, finetune, precision,
-                            training)
+                            progress, training)
 from contrastive_tf.backbones import resnet
-from contrastive_tf.config import PipelineConfig, write_json
+from contrastive_tf.config import PipelineConfig
+from contrastive_tf.files import atomic_path, write_json
 from contrastive_tf.heads import ProjectionHead
 
 METHODS = ("linear_probe", "knn", "simclr_finetune", "supervised_baseline",
            "distilled_student")
 
 
-def _say(message: str) -> None:
-    print(f"[pipeline] {message}", flush=True)
+_say = progress.logger("pipeline").info
 
 
 def fresh_encoder_and_head(config, base_width=None):
@@ -525,7 +525,6 @@ def plot_label_efficiency(results: dict, path: str, title: str,
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, path)

@@ -20,7 +20,8 @@ import tensorflow as tf
 from contrastive_tf import compat, data, distribution, evaluation, optim, precision
 from contrastive_tf.augment import SimCLRAugmenter
 from contrastive_tf.backbones import resnet
-from contrastive_tf.config import PretrainConfig, read_json, write_json
+from contrastive_tf.config import PretrainConfig
+from contrastive_tf.files import atomic_path, read_json, write_json
 from contrastive_tf.heads import ProjectionHead
 from contrastive_tf.model import SimCLR
 
@@ -232,9 +233,8 @@ def _append_history(path: str, history: dict, knn_points: list, chunk: int) -> N
 
 
 def _atomic_save(model: keras.Model, path: str) -> None:
-    tmp = path + ".tmp.keras"
-    model.save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        model.save(tmp)
 
 
 def pretrain(config: PretrainConfig, verbose: int = 1,

@@ -6,10 +6,11 @@ atomically, and returns its path.
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import numpy as np
+
+from contrastive_tf.files import atomic_path
 
 
 def _pyplot():
@@ -21,10 +22,9 @@ def _pyplot():
 
 def _save(fig, path: str) -> str:
     plt = _pyplot()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 

@@ -39,7 +39,7 @@ def main(argv):
 
     import contrastive_tf  # noqa: F401  (registers the serialisable classes)
     from contrastive_tf import export
-    from contrastive_tf.config import read_json
+    from contrastive_tf.files import read_json
 
     def optional_json(name):
         path = os.path.join(FLAGS.model_dir, name)

@@ -29,6 +29,10 @@ PRIVATE_API = (
      "seeds.seeded: Keras keeps its global seed and SeedGenerator there, to restore them"),
     ("keras.src.backend.common.global_state", "set_global_attribute",
      "seeds.seeded: puts them back"),
+    ("tensorflow.python.framework.config", "is_op_determinism_enabled",
+     "seeds.deterministic_ops: TF exports enable_op_determinism only; to restore it"),
+    ("tensorflow.python.framework.config", "disable_op_determinism",
+     "seeds.deterministic_ops: switches it back off after the run"),
     ("tensorflow.python.profiler.internal", "_pywrap_profiler_plugin",
      "experiments/benchmark.py --profile: op statistics from the profiler's trace"),
 )
@@ -48,7 +52,7 @@ def _holder(where: str, tmp_dir: str | None = None):
         return keras.layers.Layer
     if where == "keras.optimizers.Optimizer":
         return keras.optimizers.Optimizer
-    if where in ("tensorflow.python.profiler.internal",
+    if where in ("tensorflow.python.profiler.internal", "tensorflow.python.framework.config",
                  "keras.src.backend.common.global_state"):
         import importlib
         return importlib.import_module(where)
@@ -100,3 +104,14 @@ def restore_keras_seed_state(state: tuple) -> None:
     from keras.src.backend.common import global_state
     for name, value in zip(_KERAS_SEED_ATTRIBUTES, state):
         global_state.set_global_attribute(name, value)
+
+
+def op_determinism_enabled() -> bool:
+    """Whether TensorFlow's op determinism is on."""
+    from tensorflow.python.framework import config
+    return config.is_op_determinism_enabled()
+
+
+def disable_op_determinism() -> None:
+    from tensorflow.python.framework import config
+    config.disable_op_determinism()

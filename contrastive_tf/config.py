@@ -25,69 +25,77 @@ def _refuse(kind: str, checks, detail: str = "") -> None:
         raise ValueError(f"Invalid {kind} config: " + "; ".join(problems) + detail)
 
 
+def _field(default, help: str, required: bool = False, choices: tuple = ()):
+    """A config field with its flag help beside it: the jobs' flags are
+    generated from these (experiments/jobs.py), so the dataclass is the one
+    source of every default. A required field has no default (the job
+    refuses to start without it); `choices` are the allowed values (checked
+    by `_refuse_bad_choices`, listed in the flag's help)."""
+    metadata = {"help": help, "required": required, "choices": tuple(choices)}
+    if required:
+        return dataclasses.field(metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _choice_checks(config) -> list:
+    """(ok, message) for every field whose value must be one of its choices."""
+    return [(getattr(config, f.name) in f.metadata["choices"],
+             f"{f.name} must be one of {f.metadata['choices']}")
+            for f in dataclasses.fields(config) if f.metadata.get("choices")]
+
+
 @dataclasses.dataclass(frozen=True)
 class PretrainConfig:
     """Everything a pretraining run depends on."""
-    model_dir: str
-    dataset: str = "embedded"
-    data_dir: str | None = None
-    # "": the dataset's training images -- a folder whole (or its train/
-    # subfolder), a named dataset's "train" split. Folders also take
-    # "train"/"test": a fixed 80/20 split by file name (the pipeline's).
-    train_split: str = ""
-    # "": the held-out split for the kNN monitor where the dataset has one
-    # apart from the training images (none for a folder used whole).
-    eval_split: str = ""
-    image_size: int = 32
-    channels: int = 0  # 0: folders infer it (1 if every image is gray), datasets their own
-    depth: int = 18
-    width_multiplier: int = 1
-    sk_ratio: float = 0.0
-    base_width: int = 64
-    projection_layers: int = 3
-    projection_dim: int = 128
-    ft_layer: int = 1
-    temperature: float = 0.5
-    color_strength: float = 0.5
-    blur: bool = False
-    crop_min_area: float = 0.08
-    batch_size: int = 256
-    epochs: int = 100
-    train_steps: int = 0
-    optimizer: str = "lars"
-    learning_rate: float = 1.0
-    lr_scaling: str = "none"
-    warmup_epochs: float = 10.0
-    weight_decay: float = 1e-6
-    momentum: float = 0.9
-    precision: str = "auto"  # see contrastive_tf.precision.choose
-    strategy: str = "default"
-    checkpoint_steps: int = 500
-    keep_checkpoints: int = 3
-    knn_every_epochs: int = 0
-    knn_k: int = 200
-    knn_temperature: float = 0.1
-    knn_bank_size: int = 10000
-    seed: int = 0
-    deterministic: bool = False
-    log_images: bool = True
+    model_dir: str = _field(None, "Where checkpoints, logs and models go.", required=True)
+    dataset: str = _field("embedded", "embedded | fashion_mnist | tfds:<name>[:<config>] | folder:<path>")
+    data_dir: str | None = _field(None, "TFDS data_dir, or the Fashion-MNIST folder.")
+    train_split: str = _field("", "Split to pretrain on. Default: every image of a folder (or its train/ subfolder), a named dataset's 'train' split. Folders also take train/test: a fixed 80/20 split by file name (the pipeline's).")
+    eval_split: str = _field("", "Held-out split for the kNN monitor. Default: the dataset's test split (test/ for folders laid out that way; none for a folder used whole).")
+    image_size: int = _field(32, "Training image side in pixels.")
+    channels: int = _field(0, "Channels for folder datasets (1 or 3; 0: 1 if every image is grayscale, else 3); other datasets use their own.", choices=(0, 1, 3))
+    depth: int = _field(18, "ResNet depth.", choices=SUPPORTED_DEPTHS)
+    width_multiplier: int = _field(1, "ResNet width multiplier.")
+    sk_ratio: float = _field(0.0, "Selective-kernel ratio (0 = off; v2 uses 0.0625).")
+    base_width: int = _field(64, "Channels of the first ResNet stage at 1x.")
+    projection_layers: int = _field(3, "Projection head layers (v1: 2, v2: 3).")
+    projection_dim: int = _field(128, "Projection output width.")
+    ft_layer: int = _field(1, "Head layer that fine-tuning starts from (0: the encoder's features h).")
+    temperature: float = _field(0.5, "NT-Xent temperature.")
+    color_strength: float = _field(0.5, "Colour distortion strength s.")
+    blur: bool = _field(False, "Gaussian blur (ImageNet recipe).")
+    crop_min_area: float = _field(0.08, "Smallest random-crop area fraction.")
+    batch_size: int = _field(256, "Global batch size.")
+    epochs: int = _field(100, "Epochs over the training data.")
+    train_steps: int = _field(0, "Total steps; overrides --epochs when > 0.")
+    optimizer: str = _field("lars", "Optimizer.", choices=OPTIMIZERS)
+    learning_rate: float = _field(1.0, "Base learning rate (before scaling).")
+    lr_scaling: str = _field("none", "linear: lr*B/256, sqrt: lr*sqrt(B), none: lr.", choices=SCALINGS)
+    warmup_epochs: float = _field(10.0, "Linear warmup epochs before cosine decay (at most 10% of the run).")
+    weight_decay: float = _field(1e-6, "Weight decay (biases and batch norm excluded).")
+    momentum: float = _field(0.9, "Momentum (LARS, SGD).")
+    precision: str = _field("auto", "Compute precision. auto: mixed_bfloat16 where bf16 runs natively (CPU with amx_bf16 / avx512_bf16, GPU of compute capability >= 8.0), mixed_float16 on older GPUs, float32 otherwise.", choices=PRECISIONS)
+    strategy: str = _field("default", "tf.distribute strategy.", choices=STRATEGIES)
+    checkpoint_steps: int = _field(500, "Steps between checkpoints.")
+    keep_checkpoints: int = _field(3, "Checkpoints kept.")
+    knn_every_epochs: int = _field(0, "kNN monitor interval in epochs (0 = end only, when labels exist).")
+    knn_k: int = _field(200, "Neighbours of the kNN monitor.")
+    knn_temperature: float = _field(0.1, "Temperature of the kNN monitor's weighted vote.")
+    knn_bank_size: int = _field(10000, "Labelled training images in the kNN bank.")
+    seed: int = _field(0, "Random seed.")
+    deterministic: bool = _field(False, "Enable TF op determinism.")
+    log_images: bool = _field(True, "Write a few images and their two views to TensorBoard.")
 
     def __post_init__(self):
-        checks = [
-            (self.depth in SUPPORTED_DEPTHS, f"depth must be one of {SUPPORTED_DEPTHS}"),
+        checks = _choice_checks(self) + [
             (self.temperature > 0, "temperature must be > 0"),
             (self.batch_size > 0, "batch_size must be > 0"),
             (self.epochs > 0 or self.train_steps > 0,
              "give epochs > 0 or train_steps > 0"),
             (self.train_steps >= 0, "train_steps must be >= 0"),
             (self.image_size >= 8, "image_size must be >= 8"),
-            (self.channels in (0, 1, 3), "channels must be 1 or 3 (0: infer)"),
             (self.width_multiplier >= 1, "width_multiplier must be >= 1"),
-            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}"),
-            (self.lr_scaling in SCALINGS, f"lr_scaling must be one of {SCALINGS}"),
             (self.learning_rate > 0, "learning_rate must be > 0"),
-            (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}"),
-            (self.strategy in STRATEGIES, f"strategy must be one of {STRATEGIES}"),
             (self.checkpoint_steps > 0, "checkpoint_steps must be > 0"),
             (0 < self.crop_min_area <= 1, "crop_min_area must be in (0, 1]"),
             (self.warmup_epochs >= 0, "warmup_epochs must be >= 0"),
@@ -117,40 +125,41 @@ class PretrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
-    """The semi-supervised pipeline: pretrain, probe, fine-tune, baseline, distil."""
-    output_dir: str
-    pretrain: PretrainConfig
-    fractions: tuple[float, ...] = (0.01, 0.1)
-    val_fraction: float = 0.1
-    finetune_epochs: int = 30
-    finetune_batch_size: int = 64
-    finetune_learning_rate: float = 0.05
-    finetune_min_steps: int = 10
-    supervised_learning_rate: float = 0.1
-    supervised_epochs: int = 60
-    patience: int = 0
-    finetune_crop_min_area: float = 0.3
-    probe_steps: int = 1000
-    knn_k: int = 20
-    distill_fractions: tuple[float, ...] = ()  # (): every fraction
-    export_fraction: float = 0.0  # 0: the largest distilled fraction
-    distill_epochs: int = 3
-    distill_temperature: float = 1.0
-    distill_learning_rate: float = 0.05
-    student_base_width: int = 0  # 0: same size as the teacher
-    student_init: str = "pretrained"  # or "scratch"
-    seed: int = 0
-    # Your own data instead of fractions of one labelled set: pretraining and
-    # distillation on unlabelled_dataset (default: the pretraining dataset,
-    # used whole), fine-tuning and the baseline on labelled_dataset (whole,
-    # less a validation part), the table on test_dataset.
-    unlabelled_dataset: str = ""
-    labelled_dataset: str = ""
-    test_dataset: str = ""
-    label_seeds: int = 1  # class-balanced label draws per fraction (mean and std reported)
+    """The semi-supervised pipeline: pretrain, probe, fine-tune, baseline,
+    distil, export, report. `pretrain` is the pretraining stage's config
+    (its flags are the pretraining job's); `seed` is shared with it."""
+    output_dir: str = _field(None, "Where every stage writes its outputs.", required=True)
+    pretrain: PretrainConfig = dataclasses.field(metadata={"config": True})
+    fractions: tuple[float, ...] = _field((0.01, 0.1), "Labelled fractions to fine-tune on.")
+    val_fraction: float = _field(0.1, "Training images held out for model selection.")
+    finetune_epochs: int = _field(30, "Fine-tuning epochs (the cosine schedule's length).")
+    finetune_batch_size: int = _field(64, "Fine-tuning batch size.")
+    finetune_learning_rate: float = _field(0.05, "Fine-tuning peak learning rate (0.01 / 0.05 / 0.1 tried on the validation split: BENCHMARKS.md).")
+    finetune_min_steps: int = _field(10, "Minimum steps per fine-tuning epoch.")
+    supervised_learning_rate: float = _field(0.1, "Supervised baseline peak learning rate (0.05 / 0.1 / 0.2 tried on the validation split: BENCHMARKS.md).")
+    supervised_epochs: int = _field(60, "Supervised-baseline epochs (the cosine schedule's length).")
+    patience: int = _field(0, "Early-stopping patience in epochs; 0: run the whole learning-rate schedule (the best validation epoch is kept either way).")
+    finetune_crop_min_area: float = _field(0.3, "Smallest crop area when fine-tuning.")
+    probe_steps: int = _field(1000, "Full-batch steps of the linear probe.")
+    probe_knn_k: int = _field(20, "Neighbours for the kNN evaluation.")
+    distill_fractions: tuple[float, ...] = _field((), "Fractions whose fine-tuned models each teach a student (default: every fraction).")
+    export_fraction: float = _field(0.0, "Fraction whose fine-tuned classifier and student are exported (default: the largest distilled one).")
+    distill_epochs: int = _field(3, "Distillation epochs over the training images.")
+    distill_temperature: float = _field(1.0, "Distillation temperature.")
+    distill_learning_rate: float = _field(0.05, "Distillation peak learning rate.")
+    student_base_width: int = _field(0, "Student ResNet base width (0: the teacher's).")
+    student_init: str = _field("pretrained", "Student starts from the pretrained encoder or from scratch.", choices=("pretrained", "scratch"))
+    seed: int = _field(0, "Random seed.")
+    unlabelled_dataset: str = _field("", "Your unlabelled images (e.g. folder:/data/pool, used whole): pretraining and distillation run on them. Default: the training images of --dataset.")
+    labelled_dataset: str = _field("", "Your labelled images (class subfolders, used whole less a validation part), instead of fractions of --dataset; needs --test_dataset.")
+    test_dataset: str = _field("", "Your labelled test images, with --labelled_dataset.")
+    label_seeds: int = _field(1, "Class-balanced label draws per fraction; results.json reports each method's mean and standard deviation over them.")
 
     def __post_init__(self):
-        checks = [
+        if not isinstance(self.pretrain, PretrainConfig):
+            raise ValueError("Invalid pipeline config: pretrain must be a PretrainConfig. "
+                             f"Received: pretrain={self.pretrain!r}")
+        checks = _choice_checks(self) + [
             (all(0 < f <= 1 for f in self.fractions), "fractions must lie in (0, 1]"),
             (0 < self.val_fraction < 0.5, "val_fraction must lie in (0, 0.5)"),
             (all(f in self.fractions for f in self.distill_fractions),
@@ -161,8 +170,6 @@ class PipelineConfig:
              and self.distill_epochs > 0, "epochs must be > 0"),
             (self.patience >= 0, "patience must be >= 0 (0: no early stopping)"),
             (self.distill_temperature > 0, "distill_temperature must be > 0"),
-            (self.student_init in ("pretrained", "scratch"),
-             "student_init must be 'pretrained' or 'scratch'"),
             (self.student_init == "scratch" or self.student_base_width in (0, self.pretrain.base_width),
              "a student of another width must start from scratch (student_init='scratch')"),
             (bool(self.labelled_dataset) == bool(self.test_dataset),
@@ -178,23 +185,13 @@ class PipelineConfig:
         """The fractions whose fine-tuned classifiers are distilled."""
         return tuple(self.distill_fractions or self.fractions)
 
-    @property
-    def exported_fraction(self) -> float:
-        """The fraction whose classifier and student are exported."""
+    def fraction_to_export(self) -> float:
+        """The fraction whose classifier and student are exported:
+        `export_fraction`, or (0) the largest distilled one."""
         return self.export_fraction or max(self.teacher_fractions)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def _field(default, help: str, required: bool = False):
-    """A config field with its flag help beside it (the jobs' flags are
-    generated from these: experiments/jobs.py). A required field has no
-    default: the job refuses to start without it."""
-    metadata = {"help": help, "required": required}
-    if required:
-        return dataclasses.field(metadata=metadata)
-    return dataclasses.field(default=default, metadata=metadata)
 
 
 class OutputDirError(ValueError):
@@ -235,7 +232,7 @@ class FinetuneConfig:
     val_fraction: float = _field(0.1, "Share of each class's labelled images held out for model selection (at least one image per class).")
     labels_per_class: int = _field(0, 'If > 0, keep a class-balanced subset of this many labelled images per class (benchmarks); written to labelled_subset.json.')
     label_fraction: float = _field(0.0, 'If > 0, keep this class-balanced fraction of the labelled images instead.')
-    from_layer: str = _field("head", "Where the classifier starts: 'head' (the projection-head layer the encoder was pretrained with, SimCLRv2) or 'h' (the encoder's features).")
+    from_layer: str = _field("head", "Where the classifier starts: 'head' (the projection-head layer the encoder was pretrained with, SimCLRv2) or 'h' (the encoder's features).", choices=("head", "h"))
     epochs: int = _field(30, 'Epochs: the length of the cosine schedule; the best validation epoch is kept.')
     batch_size: int = _field(64, 'Batch size.')
     learning_rate: float = _field(0.05, 'Peak learning rate (SGD with momentum).')
@@ -245,13 +242,12 @@ class FinetuneConfig:
     seed: int = _field(0, 'Random seed.')
 
     def __post_init__(self):
-        checks = [
+        checks = _choice_checks(self) + [
             (0 < self.val_fraction < 1, "val_fraction must lie in (0, 1)"),
             (self.labels_per_class >= 0 and 0 <= self.label_fraction <= 1,
              "labels_per_class must be >= 0 and label_fraction in [0, 1]"),
             (not (self.labels_per_class and self.label_fraction),
              "give labels_per_class or label_fraction, not both"),
-            (self.from_layer in ("head", "h"), "from_layer must be 'head' or 'h'"),
             (self.epochs > 0 and self.batch_size > 0, "epochs and batch_size must be > 0"),
             (self.learning_rate > 0, "learning_rate must be > 0"),
             (0 < self.crop_min_area <= 1, "crop_min_area must be in (0, 1]"),
@@ -280,11 +276,11 @@ class DistillConfig:
     batch_size: int = _field(256, 'Batch size.')
     learning_rate: float = _field(0.05, 'Peak learning rate (SGD with momentum).')
     crop_min_area: float = _field(0.3, 'Smallest random-crop area of the views.')
-    precision: str = _field("auto", 'Precision of a freshly built student (auto: bf16 where native, else float32).')
+    precision: str = _field("auto", 'Precision of a freshly built student (auto: bf16 where native, else float32).', choices=PRECISIONS)
     seed: int = _field(0, 'Random seed.')
 
     def __post_init__(self):
-        checks = [
+        checks = _choice_checks(self) + [
             (self.temperature > 0, "temperature must be > 0"),
             (self.label_weight >= 0, "label_weight must be >= 0"),
             (not self.label_weight or self.labelled_dataset,
@@ -294,7 +290,6 @@ class DistillConfig:
              f"student_depth must be 0 (the teacher's) or one of {SUPPORTED_DEPTHS}"),
             (not (self.student_encoder and self.student_depth),
              "give student_encoder or student_depth, not both"),
-            (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}"),
         ]
         _refuse("distillation", checks)
 

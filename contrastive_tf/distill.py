@@ -10,7 +10,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from contrastive_tf import data, distribution, optim, precision, progress
+from contrastive_tf import data, distribution, optim, precision, progress, seeds
 from contrastive_tf.losses import distillation_loss
 
 
@@ -201,18 +201,18 @@ def run_distill(config, verbose: int = 1) -> dict:
         test = finetune.match_classes(finetune.load_labelled(
             config.test_dataset, "test", size, channels, config.data_dir, say), class_names)
     choice = precision.resolve(config.precision)
-    keras.utils.set_random_seed(config.seed)
-    student, described = build_student(config, teacher, choice.policy)
-    policy = precision.precision_of(student)
-    say(f"distilling {config.teacher} into a student ({described}, {policy}) on "
-        f"{pool.num_examples} images of {config.dataset}, {config.epochs} epochs"
-        + (f", labelled term x{config.label_weight} on {labelled.num_examples} images"
-           if labelled is not None and config.label_weight else ""))
-    distill(teacher, student, pool, labelled=labelled, label_weight=config.label_weight,
-            epochs=config.epochs, batch_size=config.batch_size,
-            learning_rate=config.learning_rate, temperature=config.temperature,
-            crop_min_area=config.crop_min_area, policy=policy, seed=config.seed,
-            verbose=2 if verbose else 0)
+    with seeds.seeded(config.seed):
+        student, described = build_student(config, teacher, choice.policy)
+        policy = precision.precision_of(student)
+        say(f"distilling {config.teacher} into a student ({described}, {policy}) on "
+            f"{pool.num_examples} images of {config.dataset}, {config.epochs} epochs"
+            + (f", labelled term x{config.label_weight} on {labelled.num_examples} images"
+               if labelled is not None and config.label_weight else ""))
+        distill(teacher, student, pool, labelled=labelled, label_weight=config.label_weight,
+                epochs=config.epochs, batch_size=config.batch_size,
+                learning_rate=config.learning_rate, temperature=config.temperature,
+                crop_min_area=config.crop_min_area, policy=policy, seed=config.seed,
+                verbose=2 if verbose else 0)
     finetune.save_classifier(student, class_names, config.output_dir)
     summary = {"job": "distill", "teacher": config.teacher, "dataset": config.dataset,
                "num_images": pool.num_examples, "student": described, "precision": policy,

@@ -123,6 +123,14 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
     raise ValueError(f"Unknown strategy {name!r}")
 
 
+def check_batch_size(batch_size: int, strategy: tf.distribute.Strategy, name: str) -> None:
+    """Raises ValueError unless the global batch divides among the replicas."""
+    replicas = strategy.num_replicas_in_sync
+    if batch_size % replicas:
+        raise ValueError(f"batch_size={batch_size} is not divisible by "
+                         f"the {replicas} replicas of strategy {name!r}")
+
+
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
     """Whether this process writes the shared outputs (model_dir)."""
     resolver = getattr(strategy, "cluster_resolver", None)

@@ -17,7 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from contrastive_tf import data, optim, precision, progress
+from contrastive_tf import data, optim, precision, progress, seeds
 from contrastive_tf.augment import SimCLRAugmenter
 from contrastive_tf.config import FinetuneConfig, claim_output_dir
 from contrastive_tf.files import atomic_path, read_json, write_json
@@ -108,27 +108,27 @@ def train_classifier(classifier: keras.Model, train: data.Source,
     """
     if patience < 0:
         raise ValueError(f"Expected patience >= 0. Received: patience={patience}")
-    keras.utils.set_random_seed(seed)
-    image_size = int(classifier.input.shape[1])
-    policy = policy or precision.precision_of(classifier)
-    with precision.policy_scope(policy):
-        trainer = _trainer(classifier, finetune_augmenter(image_size, crop_min_area, seed))
-    batch_size = min(batch_size, train.num_examples)
-    steps = max(train.num_examples // batch_size, min_steps, 1)
-    schedule = optim.WarmupCosine(learning_rate, steps, steps * epochs)
-    optimizer = optim.make_optimizer(optimizer, schedule, weight_decay)
-    optim.exclude_from_decay(optimizer, trainer.trainable_variables)
-    trainer.compile(optimizer=precision.loss_scaled(optimizer, policy),
-                    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                    metrics=["accuracy"])
-    stream = data.training_stream(train, batch_size, seed=seed, with_labels=True)
-    val_data = data.pipeline(val, 512, training=False)
-    keeper = KeepBestEpoch(patience)
-    history = trainer.fit(stream, steps_per_epoch=steps, epochs=epochs,
-                          validation_data=val_data, callbacks=[keeper, *(callbacks or [])],
-                          shuffle=False, verbose=verbose)
-    test_accuracy = None if test is None else float(trainer.evaluate(
-        data.pipeline(test, 512, training=False), verbose=0, return_dict=True)["accuracy"])
+    with seeds.seeded(seed):
+        image_size = int(classifier.input.shape[1])
+        policy = policy or precision.precision_of(classifier)
+        with precision.policy_scope(policy):
+            trainer = _trainer(classifier, finetune_augmenter(image_size, crop_min_area, seed))
+        batch_size = min(batch_size, train.num_examples)
+        steps = max(train.num_examples // batch_size, min_steps, 1)
+        schedule = optim.WarmupCosine(learning_rate, steps, steps * epochs)
+        optimizer = optim.make_optimizer(optimizer, schedule, weight_decay)
+        optim.exclude_from_decay(optimizer, trainer.trainable_variables)
+        trainer.compile(optimizer=precision.loss_scaled(optimizer, policy),
+                        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                        metrics=["accuracy"])
+        stream = data.training_stream(train, batch_size, seed=seed, with_labels=True)
+        val_data = data.pipeline(val, 512, training=False)
+        keeper = KeepBestEpoch(patience)
+        history = trainer.fit(stream, steps_per_epoch=steps, epochs=epochs,
+                              validation_data=val_data, callbacks=[keeper, *(callbacks or [])],
+                              shuffle=False, verbose=verbose)
+        test_accuracy = None if test is None else float(trainer.evaluate(
+            data.pipeline(test, 512, training=False), verbose=0, return_dict=True)["accuracy"])
     return FinetuneResult(test_accuracy=test_accuracy, val_accuracy=keeper.best,
                           epochs_run=len(history.history["val_accuracy"]),
                           best_epoch=keeper.best_epoch)
@@ -165,13 +165,11 @@ class KeepBestEpoch(keras.callbacks.Callback):
 def evaluate_classifier(classifier: keras.Model, source: data.Source) -> float:
     """Accuracy of a float-input classifier on uint8 images (evaluation
     preprocessing: centre crop above 32 px, resize)."""
-    augmenter = finetune_augmenter(int(classifier.input.shape[1]))
-    correct = 0
-    for images, labels in data.pipeline(source, 512, training=False):
-        logits = classifier(augmenter(images, training=False), training=False)
-        correct += int(tf.reduce_sum(tf.cast(
-            tf.argmax(logits, -1, output_type=tf.int32) == labels, tf.int32)))
-    return correct / source.num_examples
+    evaluator = _trainer(classifier, finetune_augmenter(int(classifier.input.shape[1])))
+    evaluator.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      metrics=["accuracy"])
+    return float(evaluator.evaluate(data.pipeline(source, 512, training=False), verbose=0,
+                                    return_dict=True)["accuracy"])
 
 
 # -- the fine-tuning job: a pretrained encoder and a labelled set you have ------
@@ -341,16 +339,11 @@ def load_labelled(spec: str, role: str, size: int, channels: int,
     return source
 
 
-def run_finetune(config: FinetuneConfig, verbose: int = 1) -> dict:
-    """The fine-tuning job: every labelled image given (or a class-balanced
-    subset), a validation part carved out for model selection, the
-    pipeline's recipe; writes classifier.keras, class_names.json and
-    summary.json into `config.output_dir`."""
-    started = time.time()
-    say = progress.logger("finetune").info
-    claim_output_dir(config.output_dir, "finetune", config.to_dict())
-    pretrained = load_pretrained(config.encoder)
-    size, channels = pretrained.image_size, pretrained.channels
+def finetune_data(config: FinetuneConfig, size: int, channels: int, say):
+    """The fine-tuning job's labelled images (or their class-balanced
+    subset, written to labelled_subset.json), split into training and
+    validation, and the optional test set; returns (labelled, train, val,
+    test or None)."""
     labelled = load_labelled(config.dataset, "train", size, channels, config.data_dir, say)
     if config.labels_per_class or config.label_fraction:
         chosen = data.class_balanced_indices(
@@ -370,9 +363,23 @@ def run_finetune(config: FinetuneConfig, verbose: int = 1) -> dict:
     if config.test_dataset:
         test = match_classes(load_labelled(config.test_dataset, "test", size, channels,
                                            config.data_dir, say), labelled.class_names)
+    return labelled, train, val, test
+
+
+def run_finetune(config: FinetuneConfig, verbose: int = 1) -> dict:
+    """The fine-tuning job: every labelled image given (or a class-balanced
+    subset), a validation part carved out for model selection, the
+    pipeline's recipe; writes classifier.keras, class_names.json and
+    summary.json into `config.output_dir`."""
+    started = time.time()
+    say = progress.logger("finetune").info
+    claim_output_dir(config.output_dir, "finetune", config.to_dict())
+    pretrained = load_pretrained(config.encoder)
+    labelled, train, val, test = finetune_data(config, pretrained.image_size,
+                                               pretrained.channels, say)
     head = pretrained.head if config.from_layer == "head" else None
-    keras.utils.set_random_seed(config.seed)
-    classifier = build_classifier(pretrained.encoder, labelled.num_classes, head)
+    with seeds.seeded(config.seed):
+        classifier = build_classifier(pretrained.encoder, labelled.num_classes, head)
     policy = precision.precision_of(classifier)
     say(f"fine-tuning {config.encoder} from "
         f"{'its head layer ' + str(head.ft_layer) if head is not None and head.ft_layer else 'h'}"

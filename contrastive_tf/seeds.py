@@ -43,3 +43,17 @@ def seeded(seed: int):
         np.random.set_state(numpy_state)
         compat.restore_keras_seed_state(keras_state)
         tf.random.set_seed(tf_seed)
+
+
+@contextlib.contextmanager
+def deterministic_ops(enabled: bool = True):
+    """TensorFlow's op determinism on for the block when `enabled`, and
+    back to what it was after."""
+    before = compat.op_determinism_enabled()
+    if enabled and not before:
+        tf.config.experimental.enable_op_determinism()
+    try:
+        yield
+    finally:
+        if enabled and not before:
+            compat.disable_op_determinism()

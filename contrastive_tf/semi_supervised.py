@@ -13,6 +13,7 @@ report the final numbers.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -22,10 +23,10 @@ import keras
 import numpy as np
 
 from contrastive_tf import (data, distill, evaluation, export, finetune, precision,
-                            progress, training)
+                            progress, seeds, training, visualize)
 from contrastive_tf.backbones import resnet
 from contrastive_tf.config import PipelineConfig
-from contrastive_tf.files import atomic_path, write_json
+from contrastive_tf.files import atomic_open, write_json
 from contrastive_tf.heads import ProjectionHead
 
 METHODS = ("linear_probe", "knn", "simclr_finetune", "supervised_baseline",
@@ -211,7 +212,7 @@ def probe_stage(model, pdata: PipelineData, config: PipelineConfig, pre,
                                          steps=config.probe_steps, seed=config.seed)
         knn = evaluation.knn_accuracy(features, labelled.labels, test_features, test.labels,
                                       len(pdata.class_names),
-                                      k=min(config.knn_k, labelled.num_examples),
+                                      k=min(config.probe_knn_k, labelled.num_examples),
                                       temperature=pre.knn_temperature)
         results.add("linear_probe", column, linear)
         results.add("knn", column, knn)
@@ -228,16 +229,20 @@ def _column_name(column) -> str:
 
 def classifier_stage(method: str, make_parts, pdata: PipelineData, config: PipelineConfig,
                      pre, epochs: int, learning_rate: float, results: Results) -> list:
-    """One classifier per labelled set of every draw, built by `make_parts`
-    and trained by `finetune.train_classifier`; returns [draw][column]."""
+    """One classifier per labelled set of every draw, on the encoder and
+    head `make_parts(pre)` returns, trained by `finetune.train_classifier`;
+    returns [draw][column]."""
     trained = []
     for draw, sets in enumerate(pdata.draws):
         classifiers = {}
         for column in pdata.columns:
-            encoder, head = make_parts()
-            classifier = finetune.build_classifier(
-                encoder, len(pdata.class_names), head,
-                name=f"{method}_{_column_key(column).replace(' ', '_')}")
+            # Seeded, so the new classifier layer starts the same in every
+            # run (and in tune_finetune), whatever ran before.
+            with seeds.seeded(config.seed):
+                encoder, head = make_parts(pre)
+                classifier = finetune.build_classifier(
+                    encoder, len(pdata.class_names), head,
+                    name=f"{method}_{_column_key(column).replace(' ', '_')}")
             result = finetune.train_classifier(
                 classifier, sets[column], pdata.val, pdata.test, epochs=epochs,
                 learning_rate=learning_rate, batch_size=config.finetune_batch_size,
@@ -288,16 +293,16 @@ def export_stage(out: str, pre, teacher, student, class_names, card: dict) -> di
 
 
 def report_stage(out: str, results: Results, report: dict, title: str) -> dict:
-    """results.json, results.md and label_efficiency.png; prints the table."""
+    """results.json, results.md and label_efficiency.png; logs the table."""
     means, spread = results.means(), results.spread()
     report = dict(means, **report, spread=spread)
     write_json(os.path.join(out, "results.json"), report)
-    table = results_table(means, spread)
-    with open(os.path.join(out, "results.md"), "w") as f:
+    table = visualize.results_table(means, spread)
+    with atomic_open(os.path.join(out, "results.md")) as f:
         f.write(f"# {title} (test accuracy)\n\n{table}\n")
-    plot_label_efficiency(means, os.path.join(out, "label_efficiency.png"), title=title,
-                          spread=spread)
-    print("\n" + table + "\n", flush=True)
+    visualize.plot_label_efficiency(means, os.path.join(out, "label_efficiency.png"),
+                                    title=title, spread=spread)
+    _say(f"test accuracy:\n\n{table}\n")
     return report
 
 
@@ -319,81 +324,91 @@ def pipeline_pretrain_config(config: PipelineConfig):
     return dataclasses.replace(pre, precision=choice.policy), choice
 
 
+@contextlib.contextmanager
+def _timed(timings: dict, name: str):
+    started = time.time()
+    yield
+    timings[name] = round(time.time() - started, 1)
+
+
+def pretrain_stage(config: PipelineConfig, timings: dict):
+    """Pretrains (or resumes); returns the summary, the trained SimCLR model
+    and the pretraining config with its precision and channels settled."""
+    pre, choice = pipeline_pretrain_config(config)
+    _say(f"1/6 pretraining SimCLR on {pre.dataset} ({pre.epochs} epochs)")
+    with _timed(timings, "pretrain_s"):
+        summary = training.pretrain(pre, choice=choice)
+    model = keras.models.load_model(os.path.join(pre.model_dir, "simclr.keras"))
+    pre = dataclasses.replace(pre, channels=int(model.encoder.input.shape[-1]))
+    return summary, model, pre
+
+
+def teacher_stage(config: PipelineConfig, pre, pdata: PipelineData, results: Results,
+                  timings: dict) -> list:
+    """Fine-tunes the pretrained encoder on every labelled set and saves the
+    classifiers to be distilled; returns them, [draw][column]."""
+    _say("3/6 fine-tuning the pretrained encoder on the labelled images")
+    with _timed(timings, "finetune_s"):
+        teachers = classifier_stage("simclr_finetune", pretrained_encoder_and_head, pdata,
+                                    config, pre, config.finetune_epochs,
+                                    config.finetune_learning_rate, results)
+        for column in _teacher_columns(config, pdata):
+            folder = f"finetune_{column:g}" if isinstance(column, float) else "finetune"
+            finetune.save_classifier(teachers[0][column], pdata.class_names,
+                                     os.path.join(config.output_dir, folder))
+    return teachers
+
+
+def baseline_stage(config: PipelineConfig, pre, pdata: PipelineData, results: Results,
+                   timings: dict) -> None:
+    """The same architecture trained from scratch on the same labels."""
+    _say("4/6 supervised baseline from scratch on the same labelled images")
+    with _timed(timings, "supervised_s"):
+        classifier_stage("supervised_baseline", fresh_encoder_and_head, pdata, config, pre,
+                         config.supervised_epochs, config.supervised_learning_rate, results)
+
+
+def _teacher_columns(config: PipelineConfig, pdata: PipelineData) -> tuple:
+    return pdata.columns if config.labelled_dataset else config.teacher_fractions
+
+
+def _exported_column(config: PipelineConfig, pdata: PipelineData):
+    return pdata.columns[0] if config.labelled_dataset else config.fraction_to_export()
+
+
 def run_pipeline(config: PipelineConfig) -> dict:
     """Runs every stage and writes the results; returns results.json's dict.
 
     pretrain -> data -> linear probe / kNN -> fine-tune -> supervised
     baseline -> distil -> export -> report."""
-    started = time.time()
-    out = config.output_dir
+    started, timings, out = time.time(), {}, config.output_dir
     os.makedirs(out, exist_ok=True)
     write_json(os.path.join(out, "pipeline_config.json"), config.to_dict())
-    timings = {}
-    pre, choice = pipeline_pretrain_config(config)
-
-    _say(f"1/6 pretraining SimCLR on {pre.dataset} ({pre.epochs} epochs)")
-    t0 = time.time()
-    summary = training.pretrain(pre, choice=choice)
-    timings["pretrain_s"] = round(time.time() - t0, 1)
-    model = keras.models.load_model(os.path.join(pre.model_dir, "simclr.keras"))
-    size, channels = int(model.encoder.input.shape[1]), int(model.encoder.input.shape[-1])
-    pre = dataclasses.replace(pre, channels=channels)
-    labelled_config = dataclasses.replace(config, pretrain=dataclasses.replace(
-        config.pretrain, channels=channels))
-    pdata = prepare_data(labelled_config, pre, size, channels)
+    summary, model, pre = pretrain_stage(config, timings)
+    pdata = prepare_data(dataclasses.replace(config, pretrain=dataclasses.replace(
+        config.pretrain, channels=pre.channels)), pre, pre.image_size, pre.channels)
     results = Results()
-
     _say("2/6 linear probe and kNN on frozen features")
-    t0 = time.time()
-    (bank, bank_features), test_features = probe_stage(model, pdata, config, pre, results)
-    timings["probe_s"] = round(time.time() - t0, 1)
+    with _timed(timings, "probe_s"):
+        (bank, bank_features), test_features = probe_stage(model, pdata, config, pre, results)
     _pictures(out, pre.model_dir, model, bank, bank_features, pdata.test, test_features,
               config)
-
-    def pretrained_parts():
-        # Seeded, so the new classifier layer starts the same in every run
-        # (and in tune_finetune), whatever ran before.
-        keras.utils.set_random_seed(config.seed)
-        return pretrained_encoder_and_head(pre)
-
-    def fresh_parts():
-        keras.utils.set_random_seed(config.seed)
-        return fresh_encoder_and_head(pre)
-
-    _say("3/6 fine-tuning the pretrained encoder on the labelled images")
-    t0 = time.time()
-    teachers = classifier_stage("simclr_finetune", pretrained_parts, pdata, config, pre,
-                                config.finetune_epochs, config.finetune_learning_rate, results)
-    fractions = pdata.columns if config.labelled_dataset else config.teacher_fractions
-    exported = pdata.columns[0] if config.labelled_dataset else config.exported_fraction
-    for column in fractions:
-        folder = f"finetune_{column:g}" if isinstance(column, float) else "finetune"
-        finetune.save_classifier(teachers[0][column], pdata.class_names,
-                                 os.path.join(out, folder))
-    timings["finetune_s"] = round(time.time() - t0, 1)
-
-    _say("4/6 supervised baseline from scratch on the same labelled images")
-    t0 = time.time()
-    classifier_stage("supervised_baseline", fresh_parts, pdata, config, pre,
-                     config.supervised_epochs, config.supervised_learning_rate, results)
-    timings["supervised_s"] = round(time.time() - t0, 1)
-
-    t0 = time.time()
-    students = distill_stage(config, pre, teachers, pdata, fractions, results)
-    finetune.save_classifier(students[0][exported], pdata.class_names,
-                             os.path.join(out, "student"))
-    timings["distill_s"] = round(time.time() - t0, 1)
-
+    teachers = teacher_stage(config, pre, pdata, results, timings)
+    baseline_stage(config, pre, pdata, results, timings)
+    exported = _exported_column(config, pdata)
+    with _timed(timings, "distill_s"):
+        students = distill_stage(config, pre, teachers, pdata,
+                                 _teacher_columns(config, pdata), results)
+        finetune.save_classifier(students[0][exported], pdata.class_names,
+                                 os.path.join(out, "student"))
     _say("6/6 exporting encoder, classifier and student")
-    key = _column_key(exported)
-    means = results.means()
+    means, key = results.means(), _column_key(exported)
     card = {"training_data": pre.dataset, "pretrain_summary": summary.get("metrics"),
             "labelled": _column_name(exported),
             "teacher_accuracy": means["simclr_finetune"][key],
             "student_accuracy": means["distilled_student"][key]}
     paths = export_stage(out, pre, teachers[0][exported], students[0][exported],
                          pdata.class_names, card)
-
     title = (f"{config.labelled_dataset} with {pre.dataset} unlabelled"
              if config.labelled_dataset else f"Label efficiency on {config.pretrain.dataset}")
     report = report_stage(out, results, {
@@ -413,24 +428,23 @@ def distill_student(config: PipelineConfig, pre, teacher: keras.Model,
     from scratch with `config.student_init` 'scratch'. Runs in
     `pre.precision` (a concrete policy), with loss scaling under
     mixed_float16."""
-    keras.utils.set_random_seed(config.seed)
-    if config.student_init == "pretrained":
-        encoder, head = pretrained_encoder_and_head(pre)
-    else:
-        encoder, head = fresh_encoder_and_head(pre, config.student_base_width or None)
-    student = finetune.build_classifier(encoder, teacher.output.shape[-1], head,
-                                        name="student")
-    distill.distill(teacher, student, pool, epochs=epochs or config.distill_epochs,
-                    batch_size=pre.batch_size, learning_rate=config.distill_learning_rate,
-                    temperature=config.distill_temperature,
-                    crop_min_area=config.finetune_crop_min_area, policy=pre.precision,
-                    seed=config.seed, callbacks=callbacks)
+    with seeds.seeded(config.seed):
+        if config.student_init == "pretrained":
+            encoder, head = pretrained_encoder_and_head(pre)
+        else:
+            encoder, head = fresh_encoder_and_head(pre, config.student_base_width or None)
+        student = finetune.build_classifier(encoder, teacher.output.shape[-1], head,
+                                            name="student")
+        distill.distill(teacher, student, pool, epochs=epochs or config.distill_epochs,
+                        batch_size=pre.batch_size, learning_rate=config.distill_learning_rate,
+                        temperature=config.distill_temperature,
+                        crop_min_area=config.finetune_crop_min_area, policy=pre.precision,
+                        seed=config.seed, callbacks=callbacks)
     return student
 
 
 def _pictures(out, pretrain_dir, model, pool, pool_features, test, test_features, config):
     """Views, training curves, neighbours and the embedding map, as PNGs."""
-    from contrastive_tf import visualize
     rng = np.random.RandomState(config.seed)
     visualize.view_grid(pool.images[rng.choice(pool.num_examples, 6, replace=False)],
                         model.augmenter, os.path.join(out, "views.png"))
@@ -444,87 +458,3 @@ def _pictures(out, pretrain_dir, model, pool, pool_features, test, test_features
                              test.class_names, os.path.join(out, "neighbours.png"))
     visualize.embedding_map(test_features, test.labels, test.class_names,
                             os.path.join(out, "embedding_map.png"))
-
-
-def _ordered_columns(results: dict) -> list[str]:
-    """Column keys: label fractions in ascending order, then label counts."""
-    keys = {k for method in results.values() for k in method}
-
-    def order(key):
-        try:
-            return (0, float(key), key)
-        except ValueError:
-            return (1, 0.0, key)
-    return sorted(keys, key=order)
-
-
-def _column_header(key: str) -> str:
-    try:
-        return f"{float(key):.0%} labels"
-    except ValueError:
-        return key
-
-
-def results_table(results: dict, spread: dict | None = None) -> str:
-    """A Markdown table: one row per method, one column per label fraction
-    (or labelled count); with `spread` over several label draws, each cell
-    is the mean ± the standard deviation (in points)."""
-    columns = _ordered_columns(results)
-    header = "| method | " + " | ".join(_column_header(k) for k in columns) + " |"
-    lines = [header, "|---|" + "---|" * len(columns)]
-    for method in METHODS:
-        cells = []
-        for key in columns:
-            if key not in results.get(method, {}):
-                cells.append("")
-                continue
-            cell = f"{results[method][key]:.2%}"
-            draws = (spread or {}).get(method, {}).get(key)
-            if draws and len(draws["values"]) > 1:
-                cell += f" ± {100 * draws['std']:.2f}"
-            cells.append(cell)
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def plot_label_efficiency(results: dict, path: str, title: str,
-                          spread: dict | None = None) -> None:
-    """Accuracy against labelled fraction (log axis) for each method, with
-    the standard deviation over label draws as error bars when given. A
-    labelled count ("<n> labels") is placed at n on the axis."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    styles = {"supervised_baseline": ("supervised from scratch", "o-", "tab:gray"),
-              "simclr_finetune": ("SimCLR fine-tuned", "s-", "tab:blue"),
-              "linear_probe": ("SimCLR linear probe", "^--", "tab:green"),
-              "knn": ("SimCLR kNN", "v:", "tab:olive"),
-              "distilled_student": ("distilled student", "*", "tab:red")}
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-
-    def position(key):
-        try:
-            return float(key)
-        except ValueError:
-            return float(key.split()[0])
-
-    counts = any(not k.replace(".", "").isdigit() for m in results.values() for k in m)
-    for method, (label, style, colour) in styles.items():
-        points = sorted((position(k), v, (spread or {}).get(method, {}).get(k, {}).get("std", 0))
-                        for k, v in results.get(method, {}).items())
-        if points:
-            xs, ys, errors = zip(*points)
-            ax.errorbar(xs, [100 * y for y in ys], yerr=[100 * e for e in errors],
-                        fmt=style, label=label, color=colour, capsize=3,
-                        markersize=9 if method == "distilled_student" else 6)
-    ax.set_xscale("log")
-    ax.set_xlabel("labelled images" if counts else "fraction of training labels used")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp)
-    plt.close(fig)

@@ -17,13 +17,16 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from contrastive_tf import compat, data, distribution, evaluation, optim, precision
+from contrastive_tf import (compat, data, distribution, evaluation, optim, precision, progress,
+                            seeds)
 from contrastive_tf.augment import SimCLRAugmenter
 from contrastive_tf.backbones import resnet
 from contrastive_tf.config import PretrainConfig
 from contrastive_tf.files import atomic_path, read_json, write_json
 from contrastive_tf.heads import ProjectionHead
 from contrastive_tf.model import SimCLR
+
+log = progress.logger("pretrain")
 
 
 # Warmup takes at most this share of a run's steps.
@@ -206,7 +209,46 @@ class ViewPairsToTensorBoard(keras.callbacks.Callback):
         self.writer.flush()
 
 
-def _check_resumable(config: PretrainConfig, config_path: str, has_checkpoint: bool):
+# -- the pretraining job, stage by stage ------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class RunDir:
+    """Where a run writes: `work` (model_dir on the chief, a scratch folder
+    on other workers), its `checkpoints`, and the chief's checkpoint to
+    resume from (every worker resumes from the shared model_dir)."""
+    work: str
+    checkpoints: str
+    resume_from: str | None
+    chief: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The run's length and learning-rate schedule."""
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    schedule: optim.WarmupCosine
+    chunk: int  # steps per Keras "epoch": one checkpoint interval
+
+
+def load_training_data(config: PretrainConfig):
+    """The training images and, where the dataset has one apart from them,
+    the kNN monitor's query set; returns (config with `channels` filled in,
+    source, query or None)."""
+    train_split, query_split = config.splits()
+    source = data.load(config.dataset, train_split, config.data_dir,
+                       image_size=config.image_size, channels=config.channels)
+    config = dataclasses.replace(config, channels=source.image_shape[-1])
+    query = None
+    if source.labelled and source.images is not None and query_split:
+        query = data.load(config.dataset, query_split, config.data_dir,
+                          image_size=config.image_size, channels=config.channels)
+    return config, source, query
+
+
+def check_resumable(config: PretrainConfig, config_path: str, has_checkpoint: bool) -> None:
+    """Raises `ResumeError` if model_dir's checkpoints are of another model."""
     if not (has_checkpoint and os.path.exists(config_path)):
         return
     previous = read_json(config_path)
@@ -220,6 +262,109 @@ def _check_resumable(config: PretrainConfig, config_path: str, has_checkpoint: b
             f"{config.model_dir} holds checkpoints of a different model "
             f"({detail}); refusing to resume. Use another --model_dir, or "
             "delete that one to start over.")
+
+
+def prepare_run_dir(config: PretrainConfig, strategy, precision_record: dict) -> RunDir:
+    """Creates the run's folders, refuses a model_dir of another model and
+    (on the chief) writes config.json with the precision decision."""
+    chief = distribution.is_chief(strategy)
+    work = config.model_dir if chief else os.path.join(
+        config.model_dir, f"worker_tmp_{strategy.cluster_resolver.task_id}")
+    os.makedirs(work, exist_ok=True)
+    resume_from = tf.train.latest_checkpoint(os.path.join(config.model_dir, "checkpoints"))
+    config_path = os.path.join(config.model_dir, "config.json")
+    check_resumable(config, config_path, resume_from is not None)
+    if chief:
+        write_json(config_path, dict(config.to_dict(), **precision_record))
+    return RunDir(work, os.path.join(work, "checkpoints"), resume_from, chief)
+
+
+def plan_run(config: PretrainConfig, num_examples: int, spec: str) -> Plan:
+    """Steps per epoch, total steps and the warmup + cosine schedule; warmup
+    is clamped to `MAX_WARMUP_SHARE` of the run (a short run would otherwise
+    never leave it, its learning rate only rising)."""
+    steps_per_epoch = num_examples // config.batch_size
+    if steps_per_epoch == 0:
+        raise data.DataError(
+            f"{spec} has {num_examples} images, fewer than one "
+            f"batch of {config.batch_size}: lower --batch_size")
+    total_steps = config.train_steps or config.epochs * steps_per_epoch
+    warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
+    if warmup_steps > total_steps * MAX_WARMUP_SHARE:
+        clamped = int(total_steps * MAX_WARMUP_SHARE)
+        log.info("warmup clamped from %d to %d steps (%.0f%% of the run's %d steps)",
+                 warmup_steps, clamped, 100 * MAX_WARMUP_SHARE, total_steps)
+        warmup_steps = clamped
+    peak = optim.scaled_learning_rate(config.learning_rate, config.batch_size,
+                                      config.lr_scaling)
+    return Plan(steps_per_epoch, total_steps, warmup_steps,
+                optim.WarmupCosine(peak, warmup_steps, total_steps),
+                min(config.checkpoint_steps, total_steps))
+
+
+def build_and_restore(config: PretrainConfig, strategy, plan: Plan, run_dir: RunDir):
+    """The compiled model under the strategy, restored from the latest
+    checkpoint when there is one; returns (model, CheckpointManager)."""
+    with strategy.scope():
+        model = build_model(config)
+        optimizer = precision.loss_scaled(optim.make_optimizer(
+            config.optimizer, plan.schedule, config.weight_decay, config.momentum),
+            config.precision)
+        model.compile(optimizer=optimizer)
+        model.optimizer.build(model.trainable_variables)
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
+    manager = tf.train.CheckpointManager(checkpoint, run_dir.checkpoints,
+                                         max_to_keep=config.keep_checkpoints)
+    if run_dir.resume_from:
+        try:
+            checkpoint.restore(run_dir.resume_from).assert_existing_objects_matched()
+        except (AssertionError, ValueError, tf.errors.OpError) as error:
+            raise ResumeError(f"cannot resume from {run_dir.resume_from}: {error}") from None
+    return model, manager
+
+
+def make_callbacks(config: PretrainConfig, model, manager, plan: Plan, run_dir: RunDir,
+                   source: data.Source, query: data.Source | None, extra: list | None):
+    """The checkpoint guard, the kNN monitor (with a query set), the view
+    pairs and TensorBoard; returns (guard, knn or None, callbacks)."""
+    log_dir = os.path.join(run_dir.work, "logs")
+    writer = tf.summary.create_file_writer(os.path.join(log_dir, "images"))
+    guard = CheckpointAndGuard(manager, plan.chunk, plan.total_steps, plan.schedule)
+    guard.set_model(model)
+    callbacks = [guard, *(extra or [])]
+    knn = None
+    if query is not None:
+        bank_size = min(config.knn_bank_size, source.num_examples)
+        bank_index = data.class_balanced_indices(
+            source.labels, fraction=bank_size / source.num_examples, seed=config.seed)
+        knn = evaluation.KNNMonitor(
+            (source.images[bank_index], source.labels[bank_index]),
+            (query.images, query.labels), source.num_classes, plan.steps_per_epoch,
+            config.knn_every_epochs or None, config.knn_k, config.knn_temperature,
+            writer=tf.summary.create_file_writer(os.path.join(log_dir, "knn")))
+        # fit sets it too, but a finished run resumed at its last step never calls fit.
+        knn.set_model(model)
+        callbacks.append(knn)
+    if config.log_images and source.images is not None and run_dir.chief:
+        callbacks.append(ViewPairsToTensorBoard(source.images[:4], writer))
+    callbacks.append(keras.callbacks.TensorBoard(log_dir, update_freq=max(1, plan.chunk // 4)))
+    return guard, knn, callbacks
+
+
+def fit(model, source: data.Source, config: PretrainConfig, plan: Plan, start_step: int,
+        callbacks: list, verbose: int) -> tuple[dict, float]:
+    """Trains from `start_step` to the plan's last step, one Keras epoch per
+    checkpoint interval; returns (history, seconds in fit)."""
+    if start_step >= plan.total_steps:
+        return {}, 0.0
+    started = time.time()
+    stream = data.training_stream(source, config.batch_size, seed=config.seed,
+                                  start_step=start_step, image_size=config.image_size)
+    result = model.fit(stream, initial_epoch=start_step // plan.chunk,
+                       epochs=math.ceil(plan.total_steps / plan.chunk),
+                       steps_per_epoch=plan.chunk, callbacks=callbacks, shuffle=False,
+                       verbose=verbose if sys.stdout.isatty() else (2 if verbose else 0))
+    return result.history, time.time() - started
 
 
 def _append_history(path: str, history: dict, knn_points: list, chunk: int) -> None:
@@ -237,6 +382,29 @@ def _atomic_save(model: keras.Model, path: str) -> None:
         model.save(tmp)
 
 
+def finish(config: PretrainConfig, model, guard, manager, knn, run_dir: RunDir,
+           history: dict, plan: Plan) -> dict:
+    """Makes sure the last step is checkpointed, measures kNN once more,
+    and (on the chief) writes history.json, simclr.keras, encoder.keras;
+    returns the final metrics."""
+    step = int(model.optimizer.iterations.numpy())
+    latest = manager.latest_checkpoint
+    if latest is None or not latest.endswith(f"-{step}"):
+        guard.save(step)
+    final = {name: float(np.ravel(values[-1])[0]) for name, values in history.items()}
+    if knn is not None:
+        final["knn_accuracy"] = knn.measure()
+        knn.history.append((step, final["knn_accuracy"]))
+    if run_dir.chief:
+        _append_history(os.path.join(config.model_dir, "history.json"), history,
+                        knn.history if knn is not None else [], plan.chunk)
+        _atomic_save(model, os.path.join(config.model_dir, "simclr.keras"))
+        _atomic_save(model.encoder, os.path.join(config.model_dir, "encoder.keras"))
+    else:
+        shutil.rmtree(run_dir.work, ignore_errors=True)
+    return final
+
+
 def pretrain(config: PretrainConfig, verbose: int = 1,
              callbacks: list | None = None,
              choice: precision.Choice | None = None) -> dict:
@@ -248,13 +416,13 @@ def pretrain(config: PretrainConfig, verbose: int = 1,
     and summary.json. Rerunning the same call resumes from the latest
     checkpoint and stops at the same total step count. `config.precision`
     "auto" becomes the policy this machine runs fastest
-    (`precision.choose`); the choice and its reason are printed and recorded
-    in config.json and summary.json. Keras' global dtype policy is restored
-    on return.
+    (`precision.choose`); the choice and its reason are logged and recorded
+    in config.json and summary.json. Keras' dtype policy and the global
+    seeds are restored on return.
 
     Args:
         config: the run's settings.
-        verbose: 0 silent, 1 progress and summary lines.
+        verbose: Keras' progress output (0: none).
         callbacks: extra Keras callbacks for `fit`.
         choice: the precision decision when the caller made it already
             (the pipeline resolves "auto" once for all its stages).
@@ -263,163 +431,47 @@ def pretrain(config: PretrainConfig, verbose: int = 1,
         The summary dict also written to summary.json.
     """
     choice = choice or precision.resolve(config.precision)
-    resolved = dataclasses.replace(config, precision=choice.policy)
-    with precision.policy_scope(choice.policy):
-        return _pretrain(resolved, choice, config.precision, verbose, callbacks)
+    record = {"precision_requested": config.precision, "precision_reason": choice.reason}
+    config = dataclasses.replace(config, precision=choice.policy)
+    with precision.policy_scope(choice.policy), seeds.seeded(config.seed), \
+            seeds.deterministic_ops(config.deterministic):
+        return _pretrain(config, record, verbose, callbacks)
 
 
-def _pretrain(config: PretrainConfig, choice: precision.Choice, requested: str,
-              verbose: int, callbacks: list | None) -> dict:
+def _pretrain(config: PretrainConfig, record: dict, verbose: int,
+              callbacks: list | None) -> dict:
+    """The stages of `pretrain`, in the precision and seed it set."""
     started = time.time()
-    train_split, query_split = config.splits()
-    source = data.load(config.dataset, train_split, config.data_dir,
-                       image_size=config.image_size, channels=config.channels)
-    channels = source.image_shape[-1]
-    config = dataclasses.replace(config, channels=channels)
+    config, source, query = load_training_data(config)
     strategy = distribution.make_strategy(config.strategy)
-    replicas = strategy.num_replicas_in_sync
-    if config.batch_size % replicas:
-        raise ValueError(f"batch_size={config.batch_size} is not divisible by "
-                         f"the {replicas} replicas of strategy {config.strategy!r}")
-    chief = distribution.is_chief(strategy)
-    work_dir = config.model_dir if chief else os.path.join(
-        config.model_dir, f"worker_tmp_{strategy.cluster_resolver.task_id}")
-    os.makedirs(work_dir, exist_ok=True)
-    checkpoint_dir = os.path.join(work_dir, "checkpoints")
-    # Every worker resumes from the chief's checkpoints (the shared model_dir);
-    # non-chief workers write theirs to a scratch folder that is discarded.
-    shared_checkpoint_dir = os.path.join(config.model_dir, "checkpoints")
-    resume_from = tf.train.latest_checkpoint(shared_checkpoint_dir)
-    config_path = os.path.join(config.model_dir, "config.json")
-    _check_resumable(config, config_path, resume_from is not None)
-    precision_record = {"precision_requested": requested,
-                        "precision_reason": choice.reason}
-    if chief:
-        write_json(config_path, dict(config.to_dict(), **precision_record))
-
-    keras.utils.set_random_seed(config.seed)
-    if config.deterministic:
-        tf.config.experimental.enable_op_determinism()
-
-    steps_per_epoch = source.num_examples // config.batch_size
-    if steps_per_epoch == 0:
-        raise data.DataError(
-            f"{source.spec} has {source.num_examples} images, fewer than one "
-            f"batch of {config.batch_size}: lower --batch_size")
-    total_steps = config.train_steps or config.epochs * steps_per_epoch
-    warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
-    if warmup_steps > total_steps * MAX_WARMUP_SHARE:
-        # A short run (e.g. --train_steps=20 with 10 warmup epochs) would
-        # never leave warmup: its learning rate would only rise.
-        clamped = int(total_steps * MAX_WARMUP_SHARE)
-        if verbose:
-            print(f"[pretrain] warmup clamped from {warmup_steps} to {clamped} steps "
-                  f"({MAX_WARMUP_SHARE:.0%} of the run's {total_steps} steps)", flush=True)
-        warmup_steps = clamped
-    peak = optim.scaled_learning_rate(config.learning_rate, config.batch_size,
-                                      config.lr_scaling)
-    schedule = optim.WarmupCosine(peak, warmup_steps, total_steps)
-
-    with strategy.scope():
-        model = build_model(config)
-        optimizer = precision.loss_scaled(optim.make_optimizer(
-            config.optimizer, schedule, config.weight_decay, config.momentum),
-            config.precision)
-        model.compile(optimizer=optimizer)
-        model.optimizer.build(model.trainable_variables)
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
-    manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir,
-                                         max_to_keep=config.keep_checkpoints)
-    if resume_from:
-        try:
-            checkpoint.restore(resume_from).assert_existing_objects_matched()
-        except (AssertionError, ValueError, tf.errors.OpError) as error:
-            raise ResumeError(f"cannot resume from {resume_from}: {error}") from None
+    distribution.check_batch_size(config.batch_size, strategy, config.strategy)
+    run_dir = prepare_run_dir(config, strategy, record)
+    plan = plan_run(config, source.num_examples, source.spec)
+    model, manager = build_and_restore(config, strategy, plan, run_dir)
     start_step = int(model.optimizer.iterations.numpy())
-    if verbose:
-        what = (f"resuming at step {start_step}" if start_step
-                else "starting from scratch")
-        print(f"[pretrain] {source.spec}: {source.num_examples} images, "
-              f"{steps_per_epoch} steps/epoch, {total_steps} steps in all, "
-              f"{replicas} replica(s), {config.precision} ({choice.reason}); {what}",
-              flush=True)
-
-    # One Keras "epoch" per checkpoint interval, never longer than the run.
-    chunk = min(config.checkpoint_steps, total_steps)
-    log_dir = os.path.join(work_dir, "logs")
-    writer = tf.summary.create_file_writer(os.path.join(log_dir, "images"))
-    guard = CheckpointAndGuard(manager, chunk, total_steps, schedule)
-    guard.set_model(model)
-    callbacks = [guard, *(callbacks or [])]
-    knn = None
-    if source.labelled and source.images is not None and query_split:
-        query = data.load(config.dataset, query_split, config.data_dir,
-                          image_size=config.image_size, channels=channels)
-        bank_size = min(config.knn_bank_size, source.num_examples)
-        bank_index = data.class_balanced_indices(
-            source.labels, fraction=bank_size / source.num_examples, seed=config.seed)
-        knn = evaluation.KNNMonitor(
-            (source.images[bank_index], source.labels[bank_index]),
-            (query.images, query.labels), source.num_classes, steps_per_epoch,
-            config.knn_every_epochs or None, config.knn_k, config.knn_temperature,
-            writer=tf.summary.create_file_writer(os.path.join(log_dir, "knn")))
-        # fit sets it too, but a finished run resumed at its last step never calls fit.
-        knn.set_model(model)
-        callbacks.append(knn)
-    if config.log_images and source.images is not None and chief:
-        callbacks.append(ViewPairsToTensorBoard(source.images[:4], writer))
-    callbacks.append(keras.callbacks.TensorBoard(log_dir, update_freq=max(1, chunk // 4)))
-
-    history = {}
-    fit_start = time.time()
-    if start_step < total_steps:
-        stream = data.training_stream(source, config.batch_size, seed=config.seed,
-                                      start_step=start_step, image_size=config.image_size)
-        result = model.fit(stream, initial_epoch=start_step // chunk,
-                           epochs=math.ceil(total_steps / chunk),
-                           steps_per_epoch=chunk, callbacks=callbacks, shuffle=False,
-                           verbose=verbose if sys.stdout.isatty() else
-                           (2 if verbose else 0))
-        history = result.history
-    fit_seconds = time.time() - fit_start
-    steps_run = int(model.optimizer.iterations.numpy()) - start_step
+    log.info("%s: %d images, %d steps/epoch, %d steps in all, %d replica(s), %s (%s); %s",
+             source.spec, source.num_examples, plan.steps_per_epoch, plan.total_steps,
+             strategy.num_replicas_in_sync, config.precision, record["precision_reason"],
+             f"resuming at step {start_step}" if start_step else "starting from scratch")
+    guard, knn, all_callbacks = make_callbacks(config, model, manager, plan, run_dir,
+                                               source, query, callbacks)
+    history, fit_seconds = fit(model, source, config, plan, start_step, all_callbacks,
+                               verbose)
+    final = finish(config, model, guard, manager, knn, run_dir, history, plan)
     step = int(model.optimizer.iterations.numpy())
-    latest = manager.latest_checkpoint
-    if latest is None or not latest.endswith(f"-{step}"):
-        guard.save(step)
-
-    final = {name: float(np.ravel(values[-1])[0]) for name, values in history.items()}
-    if knn is not None:
-        final["knn_accuracy"] = knn.measure()
-        knn.history.append((step, final["knn_accuracy"]))
-    if chief:
-        _append_history(os.path.join(config.model_dir, "history.json"), history,
-                        knn.history if knn is not None else [], chunk)
     summary = {
-        "step": step,
-        "total_steps": total_steps,
-        "epochs": round(step / steps_per_epoch, 3),
-        "steps_this_run": steps_run,
-        "images_per_s": round(steps_run * config.batch_size / fit_seconds, 2)
-        if steps_run else None,
-        "wall_s": round(time.time() - started, 2),
-        "metrics": final,
-        "model_dir": config.model_dir,
-        "precision": config.precision,
-        **precision_record,
+        "step": step, "total_steps": plan.total_steps,
+        "epochs": round(step / plan.steps_per_epoch, 3),
+        "steps_this_run": step - start_step,
+        "images_per_s": round((step - start_step) * config.batch_size / fit_seconds, 2)
+        if step > start_step and fit_seconds else None,
+        "wall_s": round(time.time() - started, 2), "metrics": final,
+        "model_dir": config.model_dir, "precision": config.precision, **record,
     }
-    if chief:
-        _atomic_save(model, os.path.join(config.model_dir, "simclr.keras"))
-        _atomic_save(model.encoder, os.path.join(config.model_dir, "encoder.keras"))
+    if run_dir.chief:
         write_json(os.path.join(config.model_dir, "summary.json"), summary)
-    else:
-        shutil.rmtree(work_dir, ignore_errors=True)
-    if verbose:
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(final.items()))
-        rate = summary["images_per_s"]
-        print(f"[pretrain] done: step {summary['step']}/{total_steps} "
-              f"({summary['epochs']} epochs), "
-              f"{rate if rate is not None else '-'} images/s, "
-              f"{summary['wall_s']} s; {shown}; outputs in {config.model_dir}",
-              flush=True)
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(final.items()))
+    log.info("done: step %d/%d (%s epochs), %s images/s, %s s; %s; outputs in %s",
+             step, plan.total_steps, summary["epochs"], summary["images_per_s"] or "-",
+             summary["wall_s"], shown, config.model_dir)
     return summary

@@ -1,7 +1,8 @@
-"""Pictures: augmented views, training curves, neighbours, the embedding map.
+"""Pictures: augmented views, training curves, neighbours, the embedding map,
+and the pipeline's results (Markdown table, label-efficiency plot).
 
-Every function writes a PNG (matplotlib, Agg backend; no display needed),
-atomically, and returns its path.
+Every picture is a PNG (matplotlib, Agg backend; no display needed),
+written atomically; the functions return its path.
 """
 
 from __future__ import annotations
@@ -137,5 +138,87 @@ def embedding_map(features, labels, class_names: Sequence[str], path: str,
     ax.set_ylabel("principal component 2")
     ax.set_title(title)
     ax.legend(markerscale=3, fontsize=8, loc="best")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# -- the pipeline's results: table and label-efficiency plot ----------------
+
+def _ordered_columns(results: dict) -> list[str]:
+    """Column keys: label fractions in ascending order, then label counts."""
+    keys = {k for method in results.values() for k in method}
+
+    def order(key):
+        try:
+            return (0, float(key), key)
+        except ValueError:
+            return (1, 0.0, key)
+    return sorted(keys, key=order)
+
+
+def _column_header(key: str) -> str:
+    try:
+        return f"{float(key):.0%} labels"
+    except ValueError:
+        return key
+
+
+def results_table(results: dict, spread: dict | None = None) -> str:
+    """A Markdown table of {method: {column: accuracy}}: one row per method
+    (in the dict's order), one column per label fraction
+    (or labelled count); with `spread` over several label draws, each cell
+    is the mean ± the standard deviation (in points)."""
+    columns = _ordered_columns(results)
+    header = "| method | " + " | ".join(_column_header(k) for k in columns) + " |"
+    lines = [header, "|---|" + "---|" * len(columns)]
+    for method in results:
+        cells = []
+        for key in columns:
+            if key not in results.get(method, {}):
+                cells.append("")
+                continue
+            cell = f"{results[method][key]:.2%}"
+            draws = (spread or {}).get(method, {}).get(key)
+            if draws and len(draws["values"]) > 1:
+                cell += f" ± {100 * draws['std']:.2f}"
+            cells.append(cell)
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_label_efficiency(results: dict, path: str, title: str,
+                          spread: dict | None = None) -> str:
+    """Accuracy against labelled fraction (log axis) for each method, with
+    the standard deviation over label draws as error bars when given. A
+    labelled count ("<n> labels") is placed at n on the axis."""
+    plt = _pyplot()
+    styles = {"supervised_baseline": ("supervised from scratch", "o-", "tab:gray"),
+              "simclr_finetune": ("SimCLR fine-tuned", "s-", "tab:blue"),
+              "linear_probe": ("SimCLR linear probe", "^--", "tab:green"),
+              "knn": ("SimCLR kNN", "v:", "tab:olive"),
+              "distilled_student": ("distilled student", "*", "tab:red")}
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+
+    def position(key):
+        try:
+            return float(key)
+        except ValueError:
+            return float(key.split()[0])
+
+    counts = any(not k.replace(".", "").isdigit() for m in results.values() for k in m)
+    for method, (label, style, colour) in styles.items():
+        points = sorted((position(k), v, (spread or {}).get(method, {}).get(k, {}).get("std", 0))
+                        for k, v in results.get(method, {}).items())
+        if points:
+            xs, ys, errors = zip(*points)
+            ax.errorbar(xs, [100 * y for y in ys], yerr=[100 * e for e in errors],
+                        fmt=style, label=label, color=colour, capsize=3,
+                        markersize=9 if method == "distilled_student" else 6)
+    ax.set_xscale("log")
+    ax.set_xlabel("labelled images" if counts else "fraction of training labels used")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right")
     fig.tight_layout()
     return _save(fig, path)

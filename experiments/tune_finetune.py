@@ -20,11 +20,11 @@ import json
 import os
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
 
-from experiments.jobs import reports_known_errors
+from experiments.jobs import quiet_absl_show_progress, reports_known_errors
 
-from experiments import pipeline as pipeline_flags  # noqa: F401  (defines the flags)
+from experiments import pipeline  # defines the pipeline's flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_float("fraction", 0.01, "Labelled fraction to tune on.")
@@ -54,69 +54,68 @@ def parse_trial(text: str) -> tuple[str, dict]:
     return method, options
 
 
+def run_trial(config, splits, method: str, options: dict) -> dict:
+    """One trial: a classifier trained as the pipeline trains it, with
+    `options` changed; returns its record."""
+    from contrastive_tf import finetune, semi_supervised
+    from contrastive_tf.seeds import seeded
+
+    pre, fraction = config.pretrain, config.fractions[0]
+    train = splits.subsets[fraction]
+    with seeded(config.seed):  # as the pipeline does
+        if method == "simclr":
+            encoder, head = semi_supervised.pretrained_encoder_and_head(pre)
+            lr, epochs = config.finetune_learning_rate, config.finetune_epochs
+        else:
+            encoder, head = semi_supervised.fresh_encoder_and_head(pre)
+            lr, epochs = config.supervised_learning_rate, config.supervised_epochs
+        if options.get("from", "head") == "h":
+            head = None
+        classifier = finetune.build_classifier(encoder, splits.full.num_classes, head)
+    result = finetune.train_classifier(
+        classifier, train, splits.val, splits.test, epochs=options.get("epochs", epochs),
+        batch_size=options.get("batch", config.finetune_batch_size),
+        learning_rate=options.get("lr", lr), weight_decay=options.get("wd", 1e-4),
+        patience=options.get("patience", config.patience),
+        crop_min_area=options.get("crop", config.finetune_crop_min_area),
+        min_steps=options.get("min_steps", config.finetune_min_steps), seed=config.seed,
+        policy=pre.precision)
+    record = {"method": method, "options": options, "fraction": fraction,
+              "labels": train.num_examples, "val_accuracy": result.val_accuracy,
+              "test_accuracy": result.test_accuracy, "best_epoch": result.best_epoch,
+              "epochs_run": result.epochs_run}
+    if options.get("distill"):
+        student = semi_supervised.distill_student(config, pre, classifier, splits.pool,
+                                                  epochs=options["distill"])
+        record["student_val_accuracy"] = finetune.evaluate_classifier(student, splits.val)
+        record["student_test_accuracy"] = finetune.evaluate_classifier(student, splits.test)
+    return record
+
+
 @reports_known_errors
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if not FLAGS.output_dir or not FLAGS.trials:
-        raise app.UsageError("--output_dir and at least one --trials are required")
+    if not FLAGS.trials:
+        raise app.UsageError("at least one --trials is required")
     trials = [parse_trial(t) for t in FLAGS.trials]
-    logging.set_verbosity(logging.WARNING)
+    config = pipeline.config_from_flags()
+    quiet_absl_show_progress()
 
     import dataclasses
-    import keras
-    from contrastive_tf import finetune, precision, semi_supervised
-    from contrastive_tf.config import PipelineConfig
-    from experiments import pretrain as pretrain_flags
+    from contrastive_tf import precision, semi_supervised
 
-    pre = pretrain_flags.config_from_flags(
-        FLAGS.model_dir or os.path.join(FLAGS.output_dir, "pretrain"))
-    config = PipelineConfig(output_dir=FLAGS.output_dir, pretrain=pre,
-                            fractions=(FLAGS.fraction,),
-                            finetune_crop_min_area=FLAGS.finetune_crop_min_area,
-                            distill_temperature=FLAGS.distill_temperature,
-                            distill_learning_rate=FLAGS.distill_learning_rate,
-                            student_init=FLAGS.student_init,
-                            student_base_width=FLAGS.student_base_width,
-                            val_fraction=FLAGS.val_fraction, seed=FLAGS.seed)
+    config = dataclasses.replace(config, fractions=(FLAGS.fraction,), distill_fractions=(),
+                                 export_fraction=0.0)
     splits = semi_supervised.labelled_splits(config)
-    pre = dataclasses.replace(pre, channels=splits.full.image_shape[-1],
-                              precision=precision.resolve(pre.precision).policy)
-    train = splits.subsets[FLAGS.fraction]
-    os.makedirs(FLAGS.output_dir, exist_ok=True)
-    log_path = os.path.join(FLAGS.output_dir, f"tuning_{FLAGS.fraction:g}.jsonl")
+    config = dataclasses.replace(config, pretrain=dataclasses.replace(
+        config.pretrain, channels=splits.full.image_shape[-1],
+        precision=precision.resolve(config.pretrain.precision).policy))
+    os.makedirs(config.output_dir, exist_ok=True)
+    log_path = os.path.join(config.output_dir, f"tuning_{FLAGS.fraction:g}.jsonl")
     for method, options in trials:
-        keras.utils.set_random_seed(FLAGS.seed)  # as the pipeline does
-        if method == "simclr":
-            encoder, head = semi_supervised.pretrained_encoder_and_head(pre)
-            lr, epochs = FLAGS.finetune_learning_rate, FLAGS.finetune_epochs
-        else:
-            encoder, head = semi_supervised.fresh_encoder_and_head(pre)
-            lr, epochs = FLAGS.supervised_learning_rate, FLAGS.supervised_epochs
-        if options.get("from", "head") == "h":
-            head = None
-        classifier = finetune.build_classifier(encoder, splits.full.num_classes, head)
-        epochs = options.get("epochs", epochs)
         started = time.time()
-        result = finetune.train_classifier(
-            classifier, train, splits.val, splits.test, epochs=epochs,
-            batch_size=options.get("batch", FLAGS.finetune_batch_size),
-            learning_rate=options.get("lr", lr),
-            weight_decay=options.get("wd", 1e-4),
-            patience=options.get("patience", FLAGS.patience),
-            crop_min_area=options.get("crop", FLAGS.finetune_crop_min_area),
-            min_steps=options.get("min_steps", FLAGS.finetune_min_steps), seed=FLAGS.seed,
-            policy=pre.precision)
-        record = {"method": method, "options": options, "fraction": FLAGS.fraction,
-                  "labels": train.num_examples, "val_accuracy": result.val_accuracy,
-                  "test_accuracy": result.test_accuracy, "best_epoch": result.best_epoch,
-                  "epochs_run": result.epochs_run}
-        if options.get("distill"):
-            student = semi_supervised.distill_student(config, pre, classifier, splits.pool,
-                                                      epochs=options["distill"])
-            record["student_val_accuracy"] = finetune.evaluate_classifier(student, splits.val)
-            record["student_test_accuracy"] = finetune.evaluate_classifier(student,
-                                                                           splits.test)
+        record = run_trial(config, splits, method, options)
         record["seconds"] = round(time.time() - started, 1)
         print("trial " + " ".join(f"{k}={json.dumps(v, sort_keys=True).replace(' ', '')}"
                                   for k, v in record.items()), flush=True)

@@ -23,11 +23,12 @@ SHRINK = ["--train_steps=2", "--batch_size=8", "--base_width=4", "--knn_bank_siz
 
 def _config(recipe, model_dir):
     from absl import flags
-    from experiments import pretrain as job  # noqa: F401  (defines the flags)
+    from experiments import jobs, pretrain  # noqa: F401  (defines the flags)
+    from contrastive_tf.config import PretrainConfig
     flags.FLAGS.unparse_flags()
     flags.FLAGS(["pretrain", f"--flagfile=experiments/configs/{recipe}",
                  f"--model_dir={model_dir}", *SHRINK])
-    return job.config_from_flags()
+    return jobs.config_from_flags(PretrainConfig)
 
 
 @pytest.mark.slow

@@ -49,3 +49,14 @@ def test_restored_on_error_and_unseeded_stays_unseeded():
         pass
     assert compat.keras_seed_state() == before
     assert tf.compat.v1.random.get_seed(None) == (None, None)
+
+
+def test_deterministic_ops_only_inside_the_block():
+    from contrastive_tf import compat
+    from contrastive_tf.seeds import deterministic_ops
+    assert not compat.op_determinism_enabled()
+    with deterministic_ops(True):
+        assert compat.op_determinism_enabled()
+    assert not compat.op_determinism_enabled()
+    with deterministic_ops(False):
+        assert not compat.op_determinism_enabled()

@@ -62,3 +62,18 @@ def test_preview_augment_command(tmp_path):
         env=dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3"))
     assert result.returncode == 0, result.stderr[-2000:]
     _check_png(out, (390, 280))
+
+
+def test_results_table_and_plot(tmp_path):
+    results = {"linear_probe": {"0.01": 0.7, "0.1": 0.8, "1.0": 0.85},
+               "knn": {"1.0": 0.83}, "simclr_finetune": {"0.01": 0.72, "0.1": 0.84},
+               "supervised_baseline": {"0.01": 0.6, "0.1": 0.8},
+               "distilled_student": {"0.1": 0.845}}
+    table = visualize.results_table(results)
+    assert "| simclr_finetune | 72.00% | 84.00% |  |" in table
+    path = str(tmp_path / "plot.png")
+    assert visualize.plot_label_efficiency(results, path, "test") == path
+    from PIL import Image
+    with Image.open(path) as image:
+        assert image.size == (768, 528)
+        assert np.asarray(image.convert("L")).std() > 5  # not blank

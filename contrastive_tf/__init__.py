@@ -1,7 +1,8 @@
 """contrastive_tf: SimCLR / SimCLRv2 in Keras 3 on TensorFlow."""
 
 from contrastive_tf import (augment, backbones, config, data, distill, distribution,
-                            evaluation, finetune, heads, losses, optim, precision)
+                            evaluation, files, finetune, heads, kernels, losses, optim,
+                            precision, progress, seeds)
 from contrastive_tf.augment import SimCLRAugmenter
 from contrastive_tf.backbones import resnet
 from contrastive_tf.heads import ProjectionHead
@@ -18,9 +19,13 @@ __all__ = [
     "data",
     "distill",
     "evaluation",
+    "files",
     "finetune",
+    "kernels",
     "optim",
     "precision",
+    "progress",
+    "seeds",
     "ProjectionHead",
     "SimCLR",
     "SimCLRAugmenter",

@@ -69,6 +69,20 @@ class _Builder:
         weights = ops.softmax(ops.stack([logit_a, logit_b], axis=0), axis=0)
         return branch_a * weights[0] + branch_b * weights[1]
 
+    def stem(self, inputs, width, cifar_stem):
+        """CIFAR stem (3x3 stride-1 conv, no max-pool), or the ImageNet stem
+        (7x7 stride-2 conv, or the ResNet-D deep stem with SK; 3x3 stride-2
+        max-pool)."""
+        if cifar_stem:
+            return self.conv_bn(inputs, width, 3, 1, name="stem")
+        if self.sk_ratio > 0:  # ResNet-D deep stem, as SimCLRv2 uses with SK.
+            x = self.conv_bn(inputs, width // 2, 3, 2, name="stem_a")
+            x = self.conv_bn(x, width // 2, 3, 1, name="stem_b")
+            x = self.conv_bn(x, width, 3, 1, name="stem_c")
+        else:
+            x = self.conv_bn(inputs, width, 7, 2, name="stem")
+        return layers.MaxPooling2D(3, 2, padding="same", name="stem_pool")(x)
+
     def shortcut(self, x, filters, strides, name):
         if x.shape[-1] == filters and strides == 1:
             return x
@@ -93,6 +107,22 @@ class _Builder:
         x = self.conv_bn(x, 4 * filters, 1, relu=False, zero_gamma=True,
                          name=f"{name}_3")
         return layers.ReLU()(layers.Add()([x, residual]))
+
+
+def _check_arguments(depth, width_multiplier, sk_ratio, input_shape, base_width) -> None:
+    if depth not in _DEPTHS:
+        raise ValueError(f"Expected depth in {SUPPORTED_DEPTHS}. "
+                         f"Received: depth={depth}")
+    if int(width_multiplier) != width_multiplier or width_multiplier < 1:
+        raise ValueError("Expected width_multiplier to be a positive int. "
+                         f"Received: width_multiplier={width_multiplier}")
+    if sk_ratio < 0:
+        raise ValueError(f"Expected sk_ratio >= 0. Received: sk_ratio={sk_ratio}")
+    if len(input_shape) != 3 or input_shape[-1] not in (1, 3):
+        raise ValueError("Expected input_shape (height, width, 1 or 3). "
+                         f"Received: input_shape={tuple(input_shape)}")
+    if base_width < 1:
+        raise ValueError(f"Expected base_width >= 1. Received: base_width={base_width}")
 
 
 def resnet(depth: int,
@@ -142,19 +172,7 @@ def resnet(depth: int,
         - [He et al., 2016](https://arxiv.org/abs/1512.03385)
         - [Chen et al., 2020b](https://arxiv.org/abs/2006.10029) (SK, width)
     """
-    if depth not in _DEPTHS:
-        raise ValueError(f"Expected depth in {SUPPORTED_DEPTHS}. "
-                         f"Received: depth={depth}")
-    if int(width_multiplier) != width_multiplier or width_multiplier < 1:
-        raise ValueError("Expected width_multiplier to be a positive int. "
-                         f"Received: width_multiplier={width_multiplier}")
-    if sk_ratio < 0:
-        raise ValueError(f"Expected sk_ratio >= 0. Received: sk_ratio={sk_ratio}")
-    if len(input_shape) != 3 or input_shape[-1] not in (1, 3):
-        raise ValueError("Expected input_shape (height, width, 1 or 3). "
-                         f"Received: input_shape={tuple(input_shape)}")
-    if base_width < 1:
-        raise ValueError(f"Expected base_width >= 1. Received: base_width={base_width}")
+    _check_arguments(depth, width_multiplier, sk_ratio, input_shape, base_width)
     width_multiplier = int(width_multiplier)
     if cifar_stem is None:
         side = max(s for s in input_shape[:2] if s is not None) \
@@ -167,17 +185,7 @@ def resnet(depth: int,
     build = _Builder(bn_momentum, bn_epsilon, synchronized_bn, sk_ratio)
     width = base_width * width_multiplier
     inputs = keras.Input(shape=tuple(input_shape), name="images")
-    if cifar_stem:
-        x = build.conv_bn(inputs, width, 3, 1, name="stem")
-    else:
-        if sk_ratio > 0:  # ResNet-D deep stem, as SimCLRv2 uses with SK.
-            x = build.conv_bn(inputs, width // 2, 3, 2, name="stem_a")
-            x = build.conv_bn(x, width // 2, 3, 1, name="stem_b")
-            x = build.conv_bn(x, width, 3, 1, name="stem_c")
-        else:
-            x = build.conv_bn(inputs, width, 7, 2, name="stem")
-        x = layers.MaxPooling2D(3, 2, padding="same", name="stem_pool")(x)
-
+    x = build.stem(inputs, width, cifar_stem)
     block = build.basic_block if kind == "basic" else build.bottleneck_block
     for stage, blocks in enumerate(stages):
         filters = width * 2 ** stage

@@ -44,8 +44,25 @@ def _choice_checks(config) -> list:
             for f in dataclasses.fields(config) if f.metadata.get("choices")]
 
 
+class _Config:
+    """What every job config has: `to_dict`, and `__post_init__` refusing
+    the values that fail its choices or its own `checks()`."""
+    KIND = "job"
+
+    def checks(self) -> list:
+        return []
+
+    def __post_init__(self):
+        _refuse(self.KIND, _choice_checks(self) + self.checks(), self.refusal_detail())
+
+    def refusal_detail(self) -> str:
+        return ""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
 @dataclasses.dataclass(frozen=True)
-class PretrainConfig:
+class PretrainConfig(_Config):
     """Everything a pretraining run depends on."""
     model_dir: str = _field(None, "Where checkpoints, logs and models go.", required=True)
     dataset: str = _field("embedded", "embedded | fashion_mnist | tfds:<name>[:<config>] | folder:<path>")
@@ -86,8 +103,10 @@ class PretrainConfig:
     deterministic: bool = _field(False, "Enable TF op determinism.")
     log_images: bool = _field(True, "Write a few images and their two views to TensorBoard.")
 
-    def __post_init__(self):
-        checks = _choice_checks(self) + [
+    KIND = "pretraining"
+
+    def checks(self) -> list:
+        return [
             (self.temperature > 0, "temperature must be > 0"),
             (self.batch_size > 0, "batch_size must be > 0"),
             (self.epochs > 0 or self.train_steps > 0,
@@ -103,10 +122,9 @@ class PretrainConfig:
             (0 <= self.ft_layer < self.projection_layers,
              "ft_layer must be in [0, projection_layers)"),
         ]
-        _refuse("pretraining", checks, f". Received: {self.to_dict()}")
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    def refusal_detail(self) -> str:
+        return f". Received: {self.to_dict()}"
 
     def splits(self) -> tuple[str, str | None]:
         """The (training, kNN query) splits: `train_split` / `eval_split`,
@@ -124,7 +142,7 @@ class PretrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class PipelineConfig:
+class PipelineConfig(_Config):
     """The semi-supervised pipeline: pretrain, probe, fine-tune, baseline,
     distil, export, report. `pretrain` is the pretraining stage's config
     (its flags are the pretraining job's); `seed` is shared with it."""
@@ -155,11 +173,16 @@ class PipelineConfig:
     test_dataset: str = _field("", "Your labelled test images, with --labelled_dataset.")
     label_seeds: int = _field(1, "Class-balanced label draws per fraction; results.json reports each method's mean and standard deviation over them.")
 
+    KIND = "pipeline"
+
     def __post_init__(self):
         if not isinstance(self.pretrain, PretrainConfig):
             raise ValueError("Invalid pipeline config: pretrain must be a PretrainConfig. "
                              f"Received: pretrain={self.pretrain!r}")
-        checks = _choice_checks(self) + [
+        super().__post_init__()
+
+    def checks(self) -> list:
+        return [
             (all(0 < f <= 1 for f in self.fractions), "fractions must lie in (0, 1]"),
             (0 < self.val_fraction < 0.5, "val_fraction must lie in (0, 0.5)"),
             (all(f in self.fractions for f in self.distill_fractions),
@@ -178,7 +201,6 @@ class PipelineConfig:
             (self.label_seeds == 1 or not self.labelled_dataset,
              "label_seeds draws fractions of one labelled set: not with labelled_dataset"),
         ]
-        _refuse("pipeline", checks)
 
     @property
     def teacher_fractions(self) -> tuple[float, ...]:
@@ -189,10 +211,6 @@ class PipelineConfig:
         """The fraction whose classifier and student are exported:
         `export_fraction`, or (0) the largest distilled one."""
         return self.export_fraction or max(self.teacher_fractions)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
 
 class OutputDirError(ValueError):
     """An output folder that holds another job's results."""
@@ -219,7 +237,7 @@ def claim_output_dir(path: str, job: str, settings: dict) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class FinetuneConfig:
+class FinetuneConfig(_Config):
     """Fine-tuning a pretrained encoder on a labelled set you have.
 
     Defaults are the pipeline's fine-tuning recipe (PipelineConfig); it
@@ -241,8 +259,10 @@ class FinetuneConfig:
     crop_min_area: float = _field(0.3, 'Smallest random-crop area (fine-tuning uses crop + flip only).')
     seed: int = _field(0, 'Random seed.')
 
-    def __post_init__(self):
-        checks = _choice_checks(self) + [
+    KIND = "fine-tuning"
+
+    def checks(self) -> list:
+        return [
             (0 < self.val_fraction < 1, "val_fraction must lie in (0, 1)"),
             (self.labels_per_class >= 0 and 0 <= self.label_fraction <= 1,
              "labels_per_class must be >= 0 and label_fraction in [0, 1]"),
@@ -252,14 +272,9 @@ class FinetuneConfig:
             (self.learning_rate > 0, "learning_rate must be > 0"),
             (0 < self.crop_min_area <= 1, "crop_min_area must be in (0, 1]"),
         ]
-        _refuse("fine-tuning", checks)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
 
 @dataclasses.dataclass(frozen=True)
-class DistillConfig:
+class DistillConfig(_Config):
     """Distilling a fine-tuned teacher into a student on unlabelled images."""
     teacher: str = _field(None, "A fine-tuning run directory (experiments.finetune's --output_dir) or a classifier export version directory.", required=True)
     dataset: str = _field(None, 'The images to distil on, labels unused: a flat folder of unlabelled images (used whole), or any dataset spec.', required=True)
@@ -279,8 +294,10 @@ class DistillConfig:
     precision: str = _field("auto", 'Precision of a freshly built student (auto: bf16 where native, else float32).', choices=PRECISIONS)
     seed: int = _field(0, 'Random seed.')
 
-    def __post_init__(self):
-        checks = _choice_checks(self) + [
+    KIND = "distillation"
+
+    def checks(self) -> list:
+        return [
             (self.temperature > 0, "temperature must be > 0"),
             (self.label_weight >= 0, "label_weight must be >= 0"),
             (not self.label_weight or self.labelled_dataset,
@@ -291,14 +308,9 @@ class DistillConfig:
             (not (self.student_encoder and self.student_depth),
              "give student_encoder or student_depth, not both"),
         ]
-        _refuse("distillation", checks)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
 
 @dataclasses.dataclass(frozen=True)
-class PredictConfig:
+class PredictConfig(_Config):
     """Predictions (or embeddings) of a model for a folder or dataset."""
     model: str = _field(None, 'A classifier (fine-tuning or distillation run, classifier export) or an encoder (pretraining run, encoder export).', required=True)
     dataset: str = _field(None, 'The images: folder:<path> (used whole; class subfolders add a label column and accuracy) or any dataset spec.', required=True)
@@ -308,9 +320,8 @@ class PredictConfig:
     embeddings: str = _field("", "Also write the encoder's features h to this .npy file (encoders only; row order as the CSV).")
     batch_size: int = _field(256, 'Batch size.')
 
-    def __post_init__(self):
-        if self.top_k < 1:
-            raise ValueError(f"Invalid predict config: top_k must be >= 1, got {self.top_k}")
+    KIND = "predict"
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    def checks(self) -> list:
+        return [(self.top_k >= 1, "top_k must be >= 1"),
+                (self.batch_size > 0, "batch_size must be > 0")]

@@ -393,31 +393,58 @@ def load_folder(path: str, image_size: int, channels: int = 0,
                             f"for split {split!r}")
         source = load_folder(layout[wanted], image_size, channels, "all", strict=strict)
         return dataclasses.replace(source, spec=f"folder:{path}", split=split)
-    entries = sorted(os.listdir(path))
-    subdirs = [e for e in entries if os.path.isdir(os.path.join(path, e))
+    class_names, files, labels = list_folder(path)
+    channels = channels or infer_channels(files)
+    images, stored, keep, bad = _decode_all(path, files, image_size, channels, strict)
+    kept_labels = None if labels is None else np.asarray(labels, np.int32)[keep]
+    kept_files = [files[i] for i in keep]
+    if split != "all":
+        groups = kept_labels if kept_labels is not None else np.zeros(len(keep), np.int32)
+        test = _held_out(kept_files, path, groups, test_fraction)
+        chosen = np.flatnonzero(test if split == "test" else ~test)
+        if chosen.size == 0:
+            raise DataError(f"folder:{path}: split {split!r} with test_fraction="
+                            f"{test_fraction} is empty")
+        images = images[chosen]
+        kept_labels = None if kept_labels is None else kept_labels[chosen]
+        kept_files = [kept_files[i] for i in chosen]
+    source = from_arrays(images, kept_labels, class_names or None,
+                         f"folder:{path}", split)
+    return dataclasses.replace(source, skipped=tuple(bad), paths=tuple(kept_files),
+                               stored_shapes=stored)
+
+
+def list_folder(path: str) -> tuple[tuple, list, list | None]:
+    """(class names, image files, labels) of a folder: class subfolders
+    (sorted names, each with images) or a flat folder (no classes, labels
+    None)."""
+    subdirs = [e for e in sorted(os.listdir(path)) if os.path.isdir(os.path.join(path, e))
                and not e.startswith(".")]
 
     def images_in(directory):
         return sorted(os.path.join(directory, f) for f in os.listdir(directory)
                       if f.lower().endswith(IMAGE_EXTENSIONS))
 
-    if subdirs:
-        class_names = tuple(subdirs)
-        files, labels = [], []
-        for index, name in enumerate(class_names):
-            found = images_in(os.path.join(path, name))
-            if not found:
-                raise DataError(f"folder:{path}: class folder {name!r} has no "
-                                f"images ({', '.join(IMAGE_EXTENSIONS)})")
-            files += found
-            labels += [index] * len(found)
-    else:
-        class_names, files, labels = (), images_in(path), None
+    class_names, files, labels = tuple(subdirs), [], []
+    for index, name in enumerate(class_names):
+        found = images_in(os.path.join(path, name))
+        if not found:
+            raise DataError(f"folder:{path}: class folder {name!r} has no "
+                            f"images ({', '.join(IMAGE_EXTENSIONS)})")
+        files += found
+        labels += [index] * len(found)
+    if not class_names:
+        files, labels = images_in(path), None
     if not files:
         raise DataError(f"folder:{path}: no images "
                         f"({', '.join(IMAGE_EXTENSIONS)}) found")
-    channels = channels or infer_channels(files)
+    return class_names, files, labels
 
+
+def _decode_all(path: str, files: list, image_size: int, channels: int, strict: bool):
+    """Decodes `files` on 4 threads; returns (images, the stored shapes seen,
+    indices of the decoded files, messages for the others). Undecodable
+    files are warned about, or raise with `strict`."""
     def decode(file):
         try:
             return _decode_file(file, image_size, channels), None
@@ -438,23 +465,7 @@ def load_folder(path: str, image_size: int, channels: int = 0,
         raise DataError(f"folder:{path}: none of the {len(files)} files could "
                         "be decoded")
     images = np.stack([results[i][0][0] for i in keep])
-    stored = frozenset(results[i][0][1] for i in keep)
-    kept_labels = None if labels is None else np.asarray(labels, np.int32)[keep]
-    kept_files = [files[i] for i in keep]
-    if split != "all":
-        groups = kept_labels if kept_labels is not None else np.zeros(len(keep), np.int32)
-        test = _held_out(kept_files, path, groups, test_fraction)
-        chosen = np.flatnonzero(test if split == "test" else ~test)
-        if chosen.size == 0:
-            raise DataError(f"folder:{path}: split {split!r} with test_fraction="
-                            f"{test_fraction} is empty")
-        images = images[chosen]
-        kept_labels = None if kept_labels is None else kept_labels[chosen]
-        kept_files = [kept_files[i] for i in chosen]
-    source = from_arrays(images, kept_labels, class_names or None,
-                         f"folder:{path}", split)
-    return dataclasses.replace(source, skipped=tuple(bad), paths=tuple(kept_files),
-                               stored_shapes=stored)
+    return images, frozenset(results[i][0][1] for i in keep), keep, bad
 
 
 def load(spec: str, split: str = "train", data_dir: str | None = None,
@@ -636,8 +647,7 @@ def _resized_stream(dataset: tf.data.Dataset, image_size: int | None) -> tf.data
 
 def pipeline(source: Source, batch_size: int, *, training: bool,
              with_labels: bool | None = None, seed: int = 0,
-             image_size: int | None = None, repeat: bool = False,
-             deterministic: bool = False) -> tf.data.Dataset:
+             image_size: int | None = None) -> tf.data.Dataset:
     """Batches of uint8 images (and int32 labels) for `model.fit`.
 
     Training pipelines shuffle with `seed` (reshuffled each epoch) and drop
@@ -668,12 +678,10 @@ def pipeline(source: Source, batch_size: int, *, training: bool,
         buffer = min(source.num_examples, 10000)
     if training:
         dataset = dataset.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
-    if repeat:
-        dataset = dataset.repeat()
     dataset = dataset.batch(batch_size, drop_remainder=training,
                             num_parallel_calls=tf.data.AUTOTUNE)
     options = tf.data.Options()
-    options.deterministic = deterministic
+    options.deterministic = False  # order within a batch may vary; batches do not
     options.experimental_distribute.auto_shard_policy = (
         tf.data.experimental.AutoShardPolicy.DATA)
     return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)

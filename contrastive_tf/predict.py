@@ -43,10 +43,46 @@ def _batches(model, images, batch_size):
         yield tf.cast(model(views, training=False), tf.float32).numpy()
 
 
+def classifier_rows(probabilities: np.ndarray, names, class_names, top_k: int,
+                    truth: np.ndarray | None):
+    """CSV header and rows of a classifier's predictions (best class, its
+    probability, the top k, and the true class where known); returns
+    (header, rows, accuracy or None)."""
+    k = min(top_k, probabilities.shape[-1])
+    top = np.argsort(-probabilities, axis=1)[:, :k]
+    header = ["image", "class_name", "probability", "top_k"]
+    rows = [[name, class_names[top[row, 0]], f"{probabilities[row, top[row, 0]]:.6f}",
+             ";".join(f"{class_names[c]}:{probabilities[row, c]:.4f}" for c in top[row])]
+            for row, name in enumerate(names)]
+    if truth is None:
+        return header, rows, None
+    for row in range(len(rows)):
+        rows[row].append(class_names[truth[row]])
+    return header + ["label"], rows, float(np.mean(top[:, 0] == truth))
+
+
+def write_csv(path: str, header: list, rows: list, skipped) -> None:
+    """The CSV, atomically, with an `error` column: empty for the images
+    read, the reason for the files that could not be (one row each)."""
+    rows = [row + [""] for row in rows]
+    for problem in skipped:
+        file, _, error = problem.partition(" (")
+        rows.append([file] + [""] * (len(header) - 1) + [error.rstrip(")")])
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_open(path, newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header + ["error"])
+        writer.writerows(rows)
+
+
 def run_predict(config, verbose: int = 1) -> dict:
     """Writes `config.output` (CSV) and optionally `config.embeddings`."""
     say = progress.logger("predict").info
     kind, model, class_names = load_model(config.model)
+    if config.embeddings and kind != "encoder":
+        raise finetune.ModelSourceError(f"--embeddings needs an encoder (a pretraining "
+                                        f"run or encoder export); {config.model} is a "
+                                        "classifier")
     size, channels = int(model.input.shape[1]), int(model.input.shape[-1])
     source = finetune.load_images(config.dataset, "test", size, channels, config.data_dir, say)
     if source.skipped:
@@ -55,47 +91,23 @@ def run_predict(config, verbose: int = 1) -> dict:
                     "; ".join(source.skipped))
     outputs = np.concatenate(list(_batches(model, source.images, config.batch_size)))
     names = source.paths or [str(i) for i in range(source.num_examples)]
-    header = ["image", "class_name", "probability", "top_k"]
-    rows = []
     summary = {"model": config.model, "kind": kind, "dataset": config.dataset,
                "images": source.num_examples, "unreadable": len(source.skipped)}
     if kind == "classifier":
-        probabilities = tf.nn.softmax(outputs).numpy()
-        k = min(config.top_k, probabilities.shape[-1])
-        top = np.argsort(-probabilities, axis=1)[:, :k]
-        for row, name in enumerate(names):
-            best = top[row, 0]
-            rows.append([name, class_names[best], f"{probabilities[row, best]:.6f}",
-                         ";".join(f"{class_names[c]}:{probabilities[row, c]:.4f}"
-                                  for c in top[row])])
-        if source.labelled:
-            truth = finetune.match_classes(source, tuple(class_names)).labels
-            header.append("label")
-            for row in range(len(rows)):
-                rows[row].append(class_names[truth[row]])
-            summary["accuracy"] = float(np.mean(top[:, 0] == truth))
+        truth = (finetune.match_classes(source, tuple(class_names)).labels
+                 if source.labelled else None)
+        header, rows, accuracy = classifier_rows(tf.nn.softmax(outputs).numpy(), names,
+                                                 class_names, config.top_k, truth)
+        if accuracy is not None:
+            summary["accuracy"] = accuracy
     else:
-        header = ["image", "row"]
-        rows = [[name, row] for row, name in enumerate(names)]
+        header, rows = ["image", "row"], [[name, row] for row, name in enumerate(names)]
     if config.embeddings:
-        if kind != "encoder":
-            raise finetune.ModelSourceError(f"--embeddings needs an encoder (a pretraining "
-                                            f"run or encoder export); {config.model} is a "
-                                            "classifier")
         with atomic_path(config.embeddings) as tmp:
             np.save(tmp, outputs.astype(np.float32))
         summary["embeddings"] = config.embeddings
         say(f"embeddings {outputs.shape} -> {config.embeddings}")
-    header.append("error")
-    rows = [row + [""] for row in rows]
-    for problem in source.skipped:
-        path, _, error = problem.partition(" (")
-        rows.append([path] + [""] * (len(header) - 2) + [error.rstrip(")")])
-    os.makedirs(os.path.dirname(os.path.abspath(config.output)), exist_ok=True)
-    with atomic_open(config.output, newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
+    write_csv(config.output, header, rows, source.skipped)
     summary["output"] = config.output
     shown = f", accuracy {summary['accuracy']:.4f}" if "accuracy" in summary else ""
     say(f"{source.num_examples} images ({kind} {config.model}){shown} -> {config.output}"

@@ -281,65 +281,43 @@ def machine() -> str:
             f"--precision=auto -> {auto.policy}")
 
 
-def main(argv):
-    del argv
-    logging.set_verbosity(logging.WARNING)
-    import keras
-    import tensorflow as tf
-    import keras_cv
-    tf.config.threading.set_inter_op_parallelism_threads(FLAGS.inter_op_threads)
-    tf.config.threading.set_intra_op_parallelism_threads(FLAGS.intra_op_threads)
+def plan_measurements(tf):
+    """(step configurations, conv-stage precisions, NT-Xent batches) for
+    this machine and the flags: no bf16 where it is emulated (unless named
+    with --only), GPU configurations where TensorFlow sees a GPU."""
+    from contrastive_tf import precision
     steps_table = dict(STEPS)
     if tf.config.list_physical_devices("GPU"):
         steps_table.update(GPU_STEPS)
-    from contrastive_tf import precision
     if precision.choose("auto").policy != "mixed_bfloat16" and not FLAGS.only:
-        # bf16 is emulated here (about 4x slower than fp32): measuring it
-        # would take most of the run and say nothing about a useful setting.
+        # bf16 is emulated here (several times slower than fp32): measuring
+        # it would take most of the run and say nothing about a useful setting.
         steps_table = {k: v for k, v in steps_table.items() if v[3] != "mixed_bfloat16"}
         print("bench note: this machine has no native bfloat16; bf16 configurations "
               "are skipped (name them with --only to run them anyway)", flush=True)
-    ntxent_batches = NTXENT_BATCHES
     if FLAGS.smoke:
-        steps_table = {"smoke_r18_b8_16px_fp32": (18, 16, 8, "float32", 4)}
-        ntxent_batches = (64,)
+        return ({"smoke_r18_b8_16px_fp32": (18, 16, 8, "float32", 4)},
+                {"smoke_conv_stages_fp32": "float32"}, (64,))
     conv_stages = {k: v for k, v in CONV_STAGES.items()
                    if v != "mixed_bfloat16" or any(c[3] == v for c in steps_table.values())}
-    if FLAGS.smoke:
-        conv_stages = {"smoke_conv_stages_fp32": "float32"}
-    names = (list(steps_table) + list(conv_stages)
-             + [f"ntxent_b{b}" for b in ntxent_batches])
-    if FLAGS.list:
-        print("\n".join(names))
-        return
-    unknown = set(FLAGS.only or []) - set(names)
-    if unknown:
-        raise app.UsageError(f"--only: {sorted(unknown)} not in {names}")
-    rows = []
-    for name in names:
-        if FLAGS.only and name not in FLAGS.only:
-            continue
-        shares = None
-        if name.startswith("ntxent_b"):
-            result = bench_ntxent(int(name[len("ntxent_b"):]), FLAGS.steps, FLAGS.warmup)
-        elif name in conv_stages:
-            result = bench_conv_stages(conv_stages[name], FLAGS.steps, FLAGS.warmup,
-                                       **({"views": 8, "shapes": ((8, 8),)}
-                                          if FLAGS.smoke else {}))
-        else:
-            result, shares = bench_step(name, *steps_table[name], FLAGS.steps,
-                                        FLAGS.warmup, profile=FLAGS.profile)
-        new_rows = [(name, result)]
-        if shares:
-            new_rows.append((f"{name}_profile", shares))
-        for row_name, values in new_rows:
-            print(f"bench {row_name} " + " ".join(f"{k}={v}" for k, v in values.items()),
-                  flush=True)
-        rows += new_rows
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"bench process peak_rss_mb={peak_rss:.0f}", flush=True)
-    if not FLAGS.write:
-        return
+    return steps_table, conv_stages, NTXENT_BATCHES
+
+
+def measure(name: str, steps_table: dict, conv_stages: dict) -> list:
+    """[(row name, results)] of one measurement (and its op profile)."""
+    if name.startswith("ntxent_b"):
+        return [(name, bench_ntxent(int(name[len("ntxent_b"):]), FLAGS.steps, FLAGS.warmup))]
+    if name in conv_stages:
+        return [(name, bench_conv_stages(conv_stages[name], FLAGS.steps, FLAGS.warmup,
+                                         **({"views": 8, "shapes": ((8, 8),)}
+                                            if FLAGS.smoke else {})))]
+    result, shares = bench_step(name, *steps_table[name], FLAGS.steps, FLAGS.warmup,
+                                profile=FLAGS.profile)
+    return [(name, result)] + ([(f"{name}_profile", shares)] if shares else [])
+
+
+def write_rows(rows: list, peak_rss: float, tf, keras, keras_cv) -> None:
+    """Appends the run (command, machine, libraries, results) to --output."""
     command = "python -m experiments.benchmark " + " ".join(sys.argv[1:])
     lines = [f"\n## {datetime.date.today().isoformat()}: `{command.strip()}`\n",
              f"- machine: {machine()}",
@@ -352,6 +330,37 @@ def main(argv):
     with open(FLAGS.output, "a") as f:
         f.write("\n".join(lines) + "\n")
     print(f"appended to {FLAGS.output}")
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    import keras
+    import tensorflow as tf
+    import keras_cv
+    tf.config.threading.set_inter_op_parallelism_threads(FLAGS.inter_op_threads)
+    tf.config.threading.set_intra_op_parallelism_threads(FLAGS.intra_op_threads)
+    steps_table, conv_stages, ntxent_batches = plan_measurements(tf)
+    names = (list(steps_table) + list(conv_stages)
+             + [f"ntxent_b{b}" for b in ntxent_batches])
+    if FLAGS.list:
+        print("\n".join(names))
+        return
+    unknown = set(FLAGS.only or []) - set(names)
+    if unknown:
+        raise app.UsageError(f"--only: {sorted(unknown)} not in {names}")
+    rows = []
+    for name in names:
+        if FLAGS.only and name not in FLAGS.only:
+            continue
+        for row_name, values in measure(name, steps_table, conv_stages):
+            print(f"bench {row_name} " + " ".join(f"{k}={v}" for k, v in values.items()),
+                  flush=True)
+            rows.append((row_name, values))
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"bench process peak_rss_mb={peak_rss:.0f}", flush=True)
+    if FLAGS.write:
+        write_rows(rows, peak_rss, tf, keras, keras_cv)
 
 
 if __name__ == "__main__":

@@ -318,3 +318,51 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming at step 8" in resumed.stdout
     assert _checkpoints(model_dir)[-1] == 16
+
+
+# -- the pretraining stages, one at a time -----------------------------------
+
+def test_plan_run_counts_steps_and_clamps_warmup(caplog):
+    from contrastive_tf import data, training
+    from contrastive_tf.config import PretrainConfig
+
+    config = PretrainConfig(model_dir="unused", batch_size=100, epochs=3, warmup_epochs=2,
+                            learning_rate=0.3, lr_scaling="linear")
+    with caplog.at_level("INFO", logger="contrastive_tf"):
+        plan = training.plan_run(config, 1050, "folder:x")
+    assert (plan.steps_per_epoch, plan.total_steps) == (10, 30)
+    assert plan.warmup_steps == 3  # 20 asked for, 10% of 30 kept
+    assert "warmup clamped from 20 to 3 steps" in caplog.text
+    assert plan.chunk == 30  # checkpoint_steps 500 > the run
+    peak = 0.3 * 100 / 256
+    np.testing.assert_allclose(float(plan.schedule(3)), peak, rtol=1e-6)
+    assert float(plan.schedule(30)) < 1e-6 * peak + 1e-12
+    with pytest.raises(data.DataError, match="fewer than one batch of 100"):
+        training.plan_run(config, 99, "folder:x")
+
+
+def test_load_training_data_fills_in_channels_and_the_query_set():
+    from contrastive_tf import training
+    from contrastive_tf.config import PretrainConfig
+
+    config, source, query = training.load_training_data(PretrainConfig(
+        model_dir="unused", dataset="embedded", image_size=28))
+    assert config.channels == 1 and source.image_shape == (28, 28, 1)
+    assert query is not None and query.split != source.split and query.labelled
+
+
+def test_check_resumable_names_each_differing_setting(tmp_path):
+    import dataclasses
+    from contrastive_tf import training
+    from contrastive_tf.config import PretrainConfig
+    from contrastive_tf.files import write_json
+
+    config = PretrainConfig(model_dir=str(tmp_path), depth=18, base_width=16)
+    path = str(tmp_path / "config.json")
+    write_json(path, config.to_dict())
+    training.check_resumable(dataclasses.replace(config, epochs=7), path, True)  # not architecture
+    changed = dataclasses.replace(config, depth=34, base_width=8)
+    with pytest.raises(training.ResumeError, match="depth: checkpoint has 18, now 34.*"
+                                                   "base_width: checkpoint has 16, now 8"):
+        training.check_resumable(changed, path, True)
+    training.check_resumable(changed, path, False)  # no checkpoint: nothing to resume

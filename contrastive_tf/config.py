@@ -228,10 +228,10 @@ def claim_output_dir(path: str, job: str, settings: dict) -> None:
         previous = read_json(marker).get("job")
         if previous != job:
             raise OutputDirError(f"{path} holds the results of a {previous} job; give this "
-                                 f"{job} job another --output_dir")
+                                 f"{job} job another `output_dir`")
     elif os.path.isdir(path) and os.listdir(path):
         raise OutputDirError(f"{path} is not empty ({', '.join(sorted(os.listdir(path))[:5])}"
-                             f"...) and is not a {job} job's folder; give another --output_dir")
+                             f"...) and is not a {job} job's folder; give another `output_dir`")
     os.makedirs(path, exist_ok=True)
     write_json(marker, {"job": job, "settings": settings})
 

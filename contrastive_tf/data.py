@@ -660,7 +660,7 @@ def pipeline(source: Source, batch_size: int, *, training: bool,
     if training and source.num_examples < batch_size:
         raise DataError(
             f"{source.spec} ({source.split}) has {source.num_examples} images, "
-            f"fewer than one batch of {batch_size}: lower --batch_size")
+            f"fewer than one batch of {batch_size}: lower `batch_size`")
     with_labels = source.labelled if with_labels is None else with_labels
     if with_labels and not source.labelled:
         raise DataError(f"{source.spec}: labels requested but the source is "
@@ -703,7 +703,7 @@ def training_stream(source: Source, batch_size: int, *, seed: int = 0,
     if source.num_examples < batch_size:
         raise DataError(
             f"{source.spec} ({source.split}) has {source.num_examples} images, "
-            f"fewer than one batch of {batch_size}: lower --batch_size")
+            f"fewer than one batch of {batch_size}: lower `batch_size`")
     if with_labels and not source.labelled:
         raise DataError(f"{source.spec}: labels requested but the source is unlabelled")
     steps_per_epoch = source.num_examples // batch_size

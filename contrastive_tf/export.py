@@ -252,7 +252,7 @@ def _write(servable: _Servable, export_root: str, model_name: str,
         raise ExportError(f"version must be a positive integer, got {version}")
     target = os.path.join(base, str(int(version)))
     if os.path.exists(target) and not overwrite:
-        raise ExportError(f"{target} exists; pass overwrite=True (--overwrite) to "
+        raise ExportError(f"{target} exists; set `overwrite` to "
                           "replace it, or leave the version unset for the next one")
     staging = os.path.join(base, f".tmp-{version}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:

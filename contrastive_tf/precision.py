@@ -115,7 +115,7 @@ def choose(requested: str = "auto", flags: frozenset[str] | None = None,
     if requested == "mixed_bfloat16" and not bf16_native:
         warning = (f"precision mixed_bfloat16 was asked for, but this {device} has no "
                    "native bfloat16: it is emulated and a training step runs several times "
-                   "slower than in float32 (use --precision=auto or float32)")
+                   "slower than in float32 (use `precision` auto or float32)")
     elif requested == "mixed_float16" and not fp16_native:
         warning = ("precision mixed_float16 was asked for, but this CPU has no native "
                    "float16: it is emulated and slower than float32")
@@ -125,7 +125,7 @@ def choose(requested: str = "auto", flags: frozenset[str] | None = None,
 def resolve(requested: str) -> Choice:
     """`choose(requested)` for this machine, logged (with its warning)."""
     choice = choose(requested)
-    log.info("precision %s: %s", choice.policy, choice.reason)
+    log.info("%s (%s)", choice.policy, choice.reason)
     if choice.warning:
         log.warning(choice.warning)
     return choice

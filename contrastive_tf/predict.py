@@ -80,7 +80,7 @@ def run_predict(config, verbose: int = 1) -> dict:
     say = progress.logger("predict").info
     kind, model, class_names = load_model(config.model)
     if config.embeddings and kind != "encoder":
-        raise finetune.ModelSourceError(f"--embeddings needs an encoder (a pretraining "
+        raise finetune.ModelSourceError(f"`embeddings` needs an encoder (a pretraining "
                                         f"run or encoder export); {config.model} is a "
                                         "classifier")
     size, channels = int(model.input.shape[1]), int(model.input.shape[-1])

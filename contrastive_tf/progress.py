@@ -6,7 +6,8 @@ user should act on. A library shows nothing unless the application asks:
 the jobs call `show()`, which prints INFO lines as `[stage] message` on
 stdout and warnings as `warning: [stage] message` on stderr. From Python,
 call `contrastive_tf.progress.show()` for the same lines, or configure the
-`contrastive_tf` logger as any other.
+`contrastive_tf` logger as any other. Messages name a function's argument
+as `name`; the jobs print it as their flag, --name.
 """
 
 from __future__ import annotations
@@ -23,9 +24,13 @@ def logger(stage: str) -> logging.Logger:
 
 
 class _StageFormat(logging.Formatter):
+    def __init__(self, rewrite=None):
+        super().__init__()
+        self.rewrite = rewrite or (lambda text: text)
+
     def format(self, record: logging.LogRecord) -> str:
         stage = record.name[len(ROOT) + 1:] or ROOT
-        message = record.getMessage()
+        message = self.rewrite(record.getMessage())
         body = message.lstrip("\n")  # leading newlines go before the prefix
         text = f"{message[:len(message) - len(body)]}[{stage}] {body}"
         if record.exc_info:
@@ -42,9 +47,11 @@ class _Below(logging.Filter):
         return record.levelno < self.level
 
 
-def show(level: int = logging.INFO) -> None:
+def show(level: int = logging.INFO, rewrite=None) -> None:
     """Prints the library's messages from `level` up: progress on stdout,
-    warnings on stderr (calling it again replaces the earlier setup)."""
+    warnings on stderr (calling it again replaces the earlier setup).
+    `rewrite(text)`, if given, edits each message (the jobs turn the
+    arguments a message names, `name`, into their flags, --name)."""
     root = logging.getLogger(ROOT)
     for handler in [h for h in root.handlers if getattr(h, "_contrastive_tf", False)]:
         root.removeHandler(handler)
@@ -53,7 +60,7 @@ def show(level: int = logging.INFO) -> None:
     err = logging.StreamHandler(sys.stderr)
     err.setLevel(logging.WARNING)
     for handler in (out, err):
-        handler.setFormatter(_StageFormat())
+        handler.setFormatter(_StageFormat(rewrite))
         handler._contrastive_tf = True
         root.addHandler(handler)
     root.setLevel(level)

@@ -86,8 +86,8 @@ def labelled_splits(config: PipelineConfig, draw: int = 0) -> Splits:
                      image_size=pre.image_size, channels=full.image_shape[-1])
     if not full.labelled:
         raise data.DataError(f"{pre.dataset}: the pipeline needs labels for its "
-                             "labelled subsets and evaluation (or give --labelled_dataset "
-                             "and --test_dataset)")
+                             "labelled subsets and evaluation (or give `labelled_dataset` "
+                             "and `test_dataset`)")
     val_index = data.class_balanced_indices(full.labels, config.val_fraction,
                                             seed=config.seed + 1)
     pool_index = np.setdiff1d(np.arange(full.num_examples), val_index)

@@ -260,7 +260,7 @@ def check_resumable(config: PretrainConfig, config_path: str, has_checkpoint: bo
                            for k, (old, new) in differing.items())
         raise ResumeError(
             f"{config.model_dir} holds checkpoints of a different model "
-            f"({detail}); refusing to resume. Use another --model_dir, or "
+            f"({detail}); refusing to resume. Use another `model_dir`, or "
             "delete that one to start over.")
 
 
@@ -287,7 +287,7 @@ def plan_run(config: PretrainConfig, num_examples: int, spec: str) -> Plan:
     if steps_per_epoch == 0:
         raise data.DataError(
             f"{spec} has {num_examples} images, fewer than one "
-            f"batch of {config.batch_size}: lower --batch_size")
+            f"batch of {config.batch_size}: lower `batch_size`")
     total_steps = config.train_steps or config.epochs * steps_per_epoch
     warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
     if warmup_steps > total_steps * MAX_WARMUP_SHARE:
@@ -449,9 +449,9 @@ def _pretrain(config: PretrainConfig, record: dict, verbose: int,
     plan = plan_run(config, source.num_examples, source.spec)
     model, manager = build_and_restore(config, strategy, plan, run_dir)
     start_step = int(model.optimizer.iterations.numpy())
-    log.info("%s: %d images, %d steps/epoch, %d steps in all, %d replica(s), %s (%s); %s",
+    log.info("%s: %d images, %d steps/epoch, %d steps in all, %d replica(s), %s; %s",
              source.spec, source.num_examples, plan.steps_per_epoch, plan.total_steps,
-             strategy.num_replicas_in_sync, config.precision, record["precision_reason"],
+             strategy.num_replicas_in_sync, config.precision,
              f"resuming at step {start_step}" if start_step else "starting from scratch")
     guard, knn, all_callbacks = make_callbacks(config, model, manager, plan, run_dir,
                                                source, query, callbacks)

@@ -10,6 +10,7 @@ traceback.
 import dataclasses
 import functools
 import importlib
+import re
 import sys
 
 from absl import app, flags, logging
@@ -83,6 +84,13 @@ def known_errors() -> tuple[type, ...]:
             ModelSourceError, OutputDirError)
 
 
+def as_flags(text: str) -> str:
+    """The library names an argument as `name`; a job says --name where the
+    job has that flag."""
+    return re.sub(r"`(\w+)`", lambda m: f"--{m.group(1)}" if m.group(1) in flags.FLAGS
+                  else m.group(0), text)
+
+
 def reports_known_errors(main):
     """Wraps an absl `main(argv)`: a known error exits with its message."""
     @functools.wraps(main)
@@ -91,7 +99,7 @@ def reports_known_errors(main):
             return main(argv)
         except Exception as error:
             if isinstance(error, known_errors()):
-                print(f"error: {error}", file=sys.stderr, flush=True)
+                print(f"error: {as_flags(str(error))}", file=sys.stderr, flush=True)
                 sys.exit(1)
             raise
     return wrapper
@@ -102,7 +110,7 @@ def quiet_absl_show_progress() -> None:
     (`[stage] message`) on stdout."""
     logging.set_verbosity(logging.WARNING)
     from contrastive_tf import progress
-    progress.show()
+    progress.show(rewrite=as_flags)
 
 
 def job_main(config_cls, run: str):

@@ -421,8 +421,11 @@ class SimCLRAugmenter(keras.layers.Layer):
             return center_crop_and_resize(images, self.image_size,
                                           self.eval_crop_fraction)
         views = tf.clip_by_value(self._crop(images), 0.0, 1.0)
-        return self._apply_decisions(
+        views = self._apply_decisions(
             views, self._draw_decisions(tf.shape(images)[0], views.shape[-1]))
+        # Rounding can leave a blurred value a few ulps above 1 (the kernel's
+        # weights sum to 1 only up to float error).
+        return tf.clip_by_value(views, 0.0, 1.0)
 
     def _draw_decisions(self, batch, channels: int) -> dict:
         """Every random decision of one call after the crop, per image.

@@ -1,7 +1,7 @@
 """Property-based tests (hypothesis) for the augmenter and the loss."""
 
 import numpy as np
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 import contrastive_tf as ct
 from tests.testing import numpy_nt_xent
@@ -15,6 +15,9 @@ SETTINGS = settings(max_examples=25, deadline=None,
        channels=st.sampled_from([1, 3]), dtype=st.sampled_from(["uint8", "uint16", "float32"]),
        size=st.integers(4, 24), blur=st.booleans(), strength=st.floats(0.0, 1.5),
        seed=st.integers(0, 2 ** 16))
+# Found by hypothesis: a blurred value 1.0000002 (the kernel sums to 1 only up to rounding).
+@example(batch=3, height=1, width=1, channels=3, dtype="uint8", size=4, blur=True,
+         strength=1.0, seed=80)
 def test_augmenter_never_crashes_and_stays_in_range(batch, height, width, channels, dtype,
                                                     size, blur, strength, seed):
     rng = np.random.RandomState(seed)

@@ -69,27 +69,32 @@ class SmallMapConv2D(layers.Conv2D):
     """`Conv2D` whose kernel gradient is matrix products (one per kernel
     tap) when the output map is small.
 
-    oneDNN's weight-gradient kernel is slow on small maps (ResNet's last
-    stages at 32 px), whereas one `matmul` per tap over shifted input slices
-    (taken from `space_to_depth` for strided convolutions) does the same sums
-    at close to the machine's matmul rate. On larger maps oneDNN is faster,
-    so this route is taken only when the output has at most
-    `matmul_grad_max_pixels` pixels (default 64: 8x8); otherwise, and for
-    dilation, groups, channels-first data or other backends, this is Keras'
-    `Conv2D`. Forward pass, input gradient and results are unchanged (the
-    same sums, in another order). Measurements and how the threshold was
-    chosen: BENCHMARKS.md.
+    oneDNN's bfloat16 weight-gradient kernel is slow on small maps
+    (ResNet's last stages at 32 px), whereas one `matmul` per tap over
+    shifted input slices (taken from `space_to_depth` for strided
+    convolutions) does the same sums at close to the machine's matmul rate.
+    On larger maps oneDNN is faster, and in float32 its kernel is not slow
+    (the route costs a few percent there), so this route is taken only when
+    the output has at most `matmul_grad_max_pixels` pixels (default 64: 8x8)
+    and the layer computes in one of `matmul_grad_dtypes` (default bfloat16
+    and float16); otherwise, and for dilation, groups, channels-first data or
+    other backends, this is Keras' `Conv2D`. Forward pass, input gradient
+    and results are unchanged (the same sums, in another order).
+    Measurements and how the threshold was chosen: BENCHMARKS.md.
     """
 
-    def __init__(self, *args, matmul_grad_max_pixels: int = 64, **kwargs):
+    def __init__(self, *args, matmul_grad_max_pixels: int = 64,
+                 matmul_grad_dtypes=("bfloat16", "float16"), **kwargs):
         super().__init__(*args, **kwargs)
         self.matmul_grad_max_pixels = int(matmul_grad_max_pixels)
+        self.matmul_grad_dtypes = tuple(matmul_grad_dtypes)
 
     def _tap_gradient(self, inputs) -> bool:
         if (keras.backend.backend() != "tensorflow" or self.groups != 1
                 or self.data_format != "channels_last" or len(inputs.shape) != 4
                 or any(d != 1 for d in self.dilation_rate)
-                or self.padding not in ("same", "valid")):
+                or self.padding not in ("same", "valid")
+                or keras.backend.standardize_dtype(inputs.dtype) not in self.matmul_grad_dtypes):
             return False
         out = self.compute_output_shape(inputs.shape)
         return (out[1] is not None and out[2] is not None
@@ -108,6 +113,7 @@ class SmallMapConv2D(layers.Conv2D):
     def get_config(self):
         config = super().get_config()
         config["matmul_grad_max_pixels"] = self.matmul_grad_max_pixels
+        config["matmul_grad_dtypes"] = list(self.matmul_grad_dtypes)
         return config
 
 

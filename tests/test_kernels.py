@@ -111,7 +111,10 @@ def test_small_map_conv_matches_numpy(kernel, strides, size, padding):
 
     rng = np.random.RandomState(0)
     x = rng.randn(3, *size, 5).astype(np.float32)
-    layer = SmallMapConv2D(6, kernel, strides=strides, padding=padding, use_bias=False)
+    # float32 through the per-tap route too (by default it is for bf16/fp16),
+    # so the sums are checked at float32 precision.
+    layer = SmallMapConv2D(6, kernel, strides=strides, padding=padding, use_bias=False,
+                           matmul_grad_dtypes=("float32",))
     layer.build(x.shape)
     w = layer.kernel.numpy()
     y_ref, kernel_grad = _numpy_conv(x, w, strides, padding)
@@ -133,3 +136,17 @@ def test_small_map_conv_matches_numpy(kernel, strides, size, padding):
     np.testing.assert_allclose(dx.numpy(), tape.gradient(plain, xin).numpy(), atol=1e-4)
     restored = keras.layers.deserialize(keras.layers.serialize(layer))
     assert type(restored) is SmallMapConv2D and restored.matmul_grad_max_pixels == 64
+    assert restored.matmul_grad_dtypes == ("float32",)
+
+
+def test_small_map_conv_takes_the_per_tap_route_in_reduced_precision_only():
+    import tensorflow as tf
+    from contrastive_tf.kernels import SmallMapConv2D
+
+    x = tf.zeros((2, 4, 4, 3))
+    layer = SmallMapConv2D(5, 3, padding="same")
+    layer.build(x.shape)
+    assert not layer._tap_gradient(x)  # float32: oneDNN's own kernel gradient
+    assert layer._tap_gradient(tf.cast(x, tf.bfloat16))
+    assert layer._tap_gradient(tf.cast(x, tf.float16))
+    assert not layer._tap_gradient(tf.zeros((2, 16, 16, 3), tf.bfloat16))  # large map

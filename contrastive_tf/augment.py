@@ -421,11 +421,8 @@ class SimCLRAugmenter(keras.layers.Layer):
             return center_crop_and_resize(images, self.image_size,
                                           self.eval_crop_fraction)
         views = tf.clip_by_value(self._crop(images), 0.0, 1.0)
-        views = self._apply_decisions(
+        return self._apply_decisions(
             views, self._draw_decisions(tf.shape(images)[0], views.shape[-1]))
-        # Rounding can leave a blurred value a few ulps above 1 (the kernel's
-        # weights sum to 1 only up to float error).
-        return tf.clip_by_value(views, 0.0, 1.0)
 
     def _draw_decisions(self, batch, channels: int) -> dict:
         """Every random decision of one call after the crop, per image.
@@ -501,7 +498,9 @@ class SimCLRAugmenter(keras.layers.Layer):
         stacked = tf.nn.depthwise_conv2d(padded, horizontal, [1, 1, 1, 1],
                                          "VALID")
         out = tf.reshape(stacked, [height, width, batch, channels])
-        return tf.transpose(out, [2, 0, 1, 3])
+        # The kernel's weights sum to 1 only up to rounding, which can leave
+        # a value a few ulps above 1.
+        return tf.clip_by_value(tf.transpose(out, [2, 0, 1, 3]), 0.0, 1.0)
 
     def get_config(self):
         config = super().get_config()

@@ -13,6 +13,8 @@ from keras import ops
 from contrastive_tf import data, distribution, optim, precision, progress, seeds
 from contrastive_tf.losses import distillation_loss
 
+log = progress.logger("distill")
+
 
 @keras.saving.register_keras_serializable(package="contrastive_tf")
 class Distiller(distribution.BuiltAtInit, keras.Model):
@@ -186,25 +188,24 @@ def run_distill(config, verbose: int = 1) -> dict:
     from contrastive_tf.files import write_json
 
     started = time.time()
-    say = progress.logger("distill").info
     claim_output_dir(config.output_dir, "distill", config.to_dict())
     teacher, class_names = finetune.load_classifier(config.teacher)
     size, channels = int(teacher.input.shape[1]), int(teacher.input.shape[-1])
-    pool = finetune.load_images(config.dataset, "train", size, channels, config.data_dir, say)
+    pool = finetune.load_images(config.dataset, "train", size, channels, config.data_dir)
     labelled = None
     if config.labelled_dataset:
         labelled = finetune.match_classes(finetune.load_labelled(
-            config.labelled_dataset, "train", size, channels, config.data_dir, say),
+            config.labelled_dataset, "train", size, channels, config.data_dir),
             class_names)
     test = None
     if config.test_dataset:
         test = finetune.match_classes(finetune.load_labelled(
-            config.test_dataset, "test", size, channels, config.data_dir, say), class_names)
+            config.test_dataset, "test", size, channels, config.data_dir), class_names)
     choice = precision.resolve(config.precision)
     with seeds.seeded(config.seed):
         student, described = build_student(config, teacher, choice.policy)
         policy = precision.precision_of(student)
-        say(f"distilling {config.teacher} into a student ({described}, {policy}) on "
+        log.info(f"distilling {config.teacher} into a student ({described}, {policy}) on "
             f"{pool.num_examples} images of {config.dataset}, {config.epochs} epochs"
             + (f", labelled term x{config.label_weight} on {labelled.num_examples} images"
                if labelled is not None and config.label_weight else ""))
@@ -221,10 +222,10 @@ def run_distill(config, verbose: int = 1) -> dict:
         summary.update(test_accuracy=finetune.evaluate_classifier(student, test),
                        teacher_test_accuracy=finetune.evaluate_classifier(teacher, test),
                        num_test=test.num_examples, test_dataset=config.test_dataset)
-        say(f"test accuracy: student {summary['test_accuracy']:.4f}, teacher "
+        log.info(f"test accuracy: student {summary['test_accuracy']:.4f}, teacher "
             f"{summary['teacher_test_accuracy']:.4f}")
     summary["wall_s"] = round(time.time() - started, 1)
     write_json(os.path.join(config.output_dir, "summary.json"), summary)
-    say(f"done: classifier.keras, class_names.json and summary.json in {config.output_dir} "
+    log.info(f"done: classifier.keras, class_names.json and summary.json in {config.output_dir} "
         f"({summary['wall_s']} s)")
     return summary

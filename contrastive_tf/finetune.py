@@ -22,6 +22,8 @@ from contrastive_tf.augment import SimCLRAugmenter
 from contrastive_tf.config import FinetuneConfig, claim_output_dir
 from contrastive_tf.files import atomic_path, read_json, write_json
 
+log = progress.logger("finetune")
+
 
 @keras.saving.register_keras_serializable(package="contrastive_tf")
 class UnitRangeCheck(keras.layers.Layer):
@@ -318,33 +320,33 @@ def save_classifier(classifier: keras.Model, class_names, folder: str) -> None:
 
 
 def load_images(spec: str, role: str, size: int, channels: int,
-                data_dir: str | None = None, say=None) -> data.Source:
+                data_dir: str | None = None) -> data.Source:
     """The images a job was given for `role`, whole, as a model of `size` x
     `size` x `channels` images needs them (converted, and said so)."""
     source = data.load_whole(spec, role, data_dir=data_dir, image_size=size,
                              channels=channels)
     source, note = data.conform(source, size, channels)
     if note:
-        (say or progress.logger("data").info)(note)
+        progress.logger("data").info(note)
     return source
 
 
 def load_labelled(spec: str, role: str, size: int, channels: int,
-                  data_dir: str | None = None, say=None) -> data.Source:
+                  data_dir: str | None = None) -> data.Source:
     """`load_images`, for a set that must be labelled."""
-    source = load_images(spec, role, size, channels, data_dir, say)
+    source = load_images(spec, role, size, channels, data_dir)
     if not source.labelled:
         raise data.DataError(f"{spec}: needs labels (a folder with one subfolder per class, "
                              "or a labelled dataset)")
     return source
 
 
-def finetune_data(config: FinetuneConfig, size: int, channels: int, say):
+def finetune_data(config: FinetuneConfig, size: int, channels: int):
     """The fine-tuning job's labelled images (or their class-balanced
     subset, written to labelled_subset.json), split into training and
     validation, and the optional test set; returns (labelled, train, val,
     test or None)."""
-    labelled = load_labelled(config.dataset, "train", size, channels, config.data_dir, say)
+    labelled = load_labelled(config.dataset, "train", size, channels, config.data_dir)
     if config.labels_per_class or config.label_fraction:
         chosen = data.class_balanced_indices(
             labelled.labels, fraction=config.label_fraction or None,
@@ -353,16 +355,16 @@ def finetune_data(config: FinetuneConfig, size: int, channels: int, say):
                            dataset=config.dataset, seed=config.seed,
                            labels_per_class=config.labels_per_class,
                            label_fraction=config.label_fraction)
-        say(f"kept a class-balanced subset of {len(chosen)} of the {labelled.num_examples} "
+        log.info(f"kept a class-balanced subset of {len(chosen)} of the {labelled.num_examples} "
             "labelled images (labelled_subset.json)")
         labelled = labelled.subset(chosen)
     train, val, note = validation_split(labelled, config.val_fraction, config.seed)
-    say(f"{config.dataset}: {labelled.num_examples} labelled images, "
+    log.info(f"{config.dataset}: {labelled.num_examples} labelled images, "
         f"{labelled.num_classes} classes; {note}")
     test = None
     if config.test_dataset:
         test = match_classes(load_labelled(config.test_dataset, "test", size, channels,
-                                           config.data_dir, say), labelled.class_names)
+                                           config.data_dir), labelled.class_names)
     return labelled, train, val, test
 
 
@@ -372,16 +374,15 @@ def run_finetune(config: FinetuneConfig, verbose: int = 1) -> dict:
     pipeline's recipe; writes classifier.keras, class_names.json and
     summary.json into `config.output_dir`."""
     started = time.time()
-    say = progress.logger("finetune").info
     claim_output_dir(config.output_dir, "finetune", config.to_dict())
     pretrained = load_pretrained(config.encoder)
     labelled, train, val, test = finetune_data(config, pretrained.image_size,
-                                               pretrained.channels, say)
+                                               pretrained.channels)
     head = pretrained.head if config.from_layer == "head" else None
     with seeds.seeded(config.seed):
         classifier = build_classifier(pretrained.encoder, labelled.num_classes, head)
     policy = precision.precision_of(classifier)
-    say(f"fine-tuning {config.encoder} from "
+    log.info(f"fine-tuning {config.encoder} from "
         f"{'its head layer ' + str(head.ft_layer) if head is not None and head.ft_layer else 'h'}"
         f" for {config.epochs} epochs in {policy}")
     result = train_classifier(
@@ -401,7 +402,7 @@ def run_finetune(config: FinetuneConfig, verbose: int = 1) -> dict:
                        test_dataset=config.test_dataset)
     write_json(os.path.join(config.output_dir, "summary.json"), summary)
     shown = f", test {result.test_accuracy:.4f}" if test is not None else ""
-    say(f"done: validation {result.val_accuracy:.4f} (best epoch {result.best_epoch}/"
+    log.info(f"done: validation {result.val_accuracy:.4f} (best epoch {result.best_epoch}/"
         f"{result.epochs_run}){shown}; classifier.keras, class_names.json and summary.json "
         f"in {config.output_dir} ({summary['wall_s']} s)")
     return summary

@@ -11,7 +11,6 @@ and listed in the CSV with their error.
 from __future__ import annotations
 
 import csv
-import logging
 import os
 
 import numpy as np
@@ -20,7 +19,7 @@ import tensorflow as tf
 from contrastive_tf import finetune, progress
 from contrastive_tf.files import atomic_open, atomic_path
 
-log = logging.getLogger(__name__)
+log = progress.logger("predict")
 
 
 def load_model(src: str):
@@ -77,14 +76,13 @@ def write_csv(path: str, header: list, rows: list, skipped) -> None:
 
 def run_predict(config, verbose: int = 1) -> dict:
     """Writes `config.output` (CSV) and optionally `config.embeddings`."""
-    say = progress.logger("predict").info
     kind, model, class_names = load_model(config.model)
     if config.embeddings and kind != "encoder":
         raise finetune.ModelSourceError(f"`embeddings` needs an encoder (a pretraining "
                                         f"run or encoder export); {config.model} is a "
                                         "classifier")
     size, channels = int(model.input.shape[1]), int(model.input.shape[-1])
-    source = finetune.load_images(config.dataset, "test", size, channels, config.data_dir, say)
+    source = finetune.load_images(config.dataset, "test", size, channels, config.data_dir)
     if source.skipped:
         log.warning("%s: %d file(s) could not be read and are listed in %s with their "
                     "error: %s", config.dataset, len(source.skipped), config.output,
@@ -106,11 +104,11 @@ def run_predict(config, verbose: int = 1) -> dict:
         with atomic_path(config.embeddings) as tmp:
             np.save(tmp, outputs.astype(np.float32))
         summary["embeddings"] = config.embeddings
-        say(f"embeddings {outputs.shape} -> {config.embeddings}")
+        log.info(f"embeddings {outputs.shape} -> {config.embeddings}")
     write_csv(config.output, header, rows, source.skipped)
     summary["output"] = config.output
     shown = f", accuracy {summary['accuracy']:.4f}" if "accuracy" in summary else ""
-    say(f"{source.num_examples} images ({kind} {config.model}){shown} -> {config.output}"
+    log.info(f"{source.num_examples} images ({kind} {config.model}){shown} -> {config.output}"
         + (f"; {len(source.skipped)} unreadable file(s) listed with their error"
            if source.skipped else ""))
     return summary

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import time
 
@@ -26,7 +25,7 @@ from contrastive_tf import (data, distill, evaluation, export, finetune, precisi
                             progress, seeds, training, visualize)
 from contrastive_tf.backbones import resnet
 from contrastive_tf.config import PipelineConfig
-from contrastive_tf.files import atomic_open, write_json
+from contrastive_tf.files import atomic_open, read_json, write_json
 from contrastive_tf.heads import ProjectionHead
 
 METHODS = ("linear_probe", "knn", "simclr_finetune", "supervised_baseline",
@@ -131,15 +130,13 @@ def prepare_data(config: PipelineConfig, pre, size: int, channels: int) -> Pipel
     out = config.output_dir
     if config.labelled_dataset:
         labelled = finetune.load_labelled(config.labelled_dataset, "train", size, channels,
-                                          pre.data_dir, say=_say)
+                                          pre.data_dir)
         train, val, note = finetune.validation_split(labelled, config.val_fraction,
                                                      config.seed)
         test = finetune.match_classes(finetune.load_labelled(
-            config.test_dataset, "test", size, channels, pre.data_dir, say=_say),
+            config.test_dataset, "test", size, channels, pre.data_dir),
             labelled.class_names)
-        pool, converted = data.conform(data.load_whole(
-            pre.dataset, "train", data_dir=pre.data_dir, image_size=size,
-            channels=channels), size, channels)
+        pool = finetune.load_images(pre.dataset, "train", size, channels, pre.data_dir)
         column = f"{labelled.num_examples} labels"
         _say(f"data: {labelled.num_examples} labelled images ({labelled.num_classes} "
              f"classes; {note}), {test.num_examples} test, {pool.num_examples} unlabelled")
@@ -157,9 +154,8 @@ def prepare_data(config: PipelineConfig, pre, size: int, channels: int) -> Pipel
         draws.append({fraction: splits.subsets[fraction] for fraction in config.fractions})
     pool = splits.pool
     if config.unlabelled_dataset:
-        pool, _ = data.conform(data.load_whole(
-            config.unlabelled_dataset, "train", data_dir=pre.data_dir, image_size=size,
-            channels=channels), size, channels)
+        pool = finetune.load_images(config.unlabelled_dataset, "train", size, channels,
+                                    pre.data_dir)
     _say(f"data: {splits.pool.num_examples} training images ({splits.full.num_classes} "
          f"classes), {splits.val.num_examples} validation, {splits.test.num_examples} test; "
          "labelled subsets " + ", ".join(f"{f:g}: {splits.subsets[f].num_examples}"
@@ -275,10 +271,10 @@ def distill_stage(config: PipelineConfig, pre, teachers: list, pdata: PipelineDa
     return students
 
 
-def export_stage(out: str, pre, teacher, student, class_names, card: dict) -> dict:
-    """Encoder, classifier and student for TF Serving under out/exports."""
+def export_stage(out: str, model, teacher, student, class_names, card: dict) -> dict:
+    """The pretrained `model`'s encoder (with its head), the classifier and
+    the student, for TF Serving under out/exports."""
     root = os.path.join(out, "exports")
-    model = keras.models.load_model(os.path.join(pre.model_dir, "simclr.keras"))
     return {
         "encoder": export.export_encoder(model.encoder, root, "simclr_encoder",
                                          projection_head=model.projection_head,
@@ -407,7 +403,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
             "labelled": _column_name(exported),
             "teacher_accuracy": means["simclr_finetune"][key],
             "student_accuracy": means["distilled_student"][key]}
-    paths = export_stage(out, pre, teachers[0][exported], students[0][exported],
+    paths = export_stage(out, model, teachers[0][exported], students[0][exported],
                          pdata.class_names, card)
     title = (f"{config.labelled_dataset} with {pre.dataset} unlabelled"
              if config.labelled_dataset else f"Label efficiency on {config.pretrain.dataset}")
@@ -450,7 +446,7 @@ def _pictures(out, pretrain_dir, model, pool, pool_features, test, test_features
                         model.augmenter, os.path.join(out, "views.png"))
     history_path = os.path.join(pretrain_dir, "history.json")
     if os.path.exists(history_path):
-        visualize.training_curves(json.load(open(history_path)),
+        visualize.training_curves(read_json(history_path),
                                   os.path.join(out, "training_curves.png"))
     queries = rng.choice(test.num_examples, 6, replace=False)
     visualize.neighbour_grid(test.images[queries], test.labels[queries], pool.images,

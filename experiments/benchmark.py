@@ -39,6 +39,10 @@ flags.DEFINE_bool("profile", False, "Also trace --steps training steps with the 
 
 # name -> (depth, image size, batch, precision, base width)
 STEPS = {
+    # The size of make demo's pretraining model (experiments/configs/demo.flags;
+    # 3 input channels here, 1 there).
+    "demo_r18w16_b256_28px_fp32": (18, 28, 256, "float32", 16),
+    "demo_r18w16_b256_28px_bf16": (18, 28, 256, "mixed_bfloat16", 16),
     "r18_b128_32px_fp32": (18, 32, 128, "float32", 64),
     "r18_b128_32px_bf16": (18, 32, 128, "mixed_bfloat16", 64),
     "r50_b64_64px_bf16": (50, 64, 64, "mixed_bfloat16", 64),

@@ -258,6 +258,25 @@ def test_training_stream_resumes_at_the_same_batch():
     assert full[:5] != full[5:10]
 
 
+def test_pipelines_run_without_the_autotuner():
+    # With tf.data's autotuner on, `fit` can wait for its thread to wake up
+    # before it returns (see data._options): every pipeline turns it off.
+    images = np.arange(24, dtype=np.uint8).reshape(24, 1, 1, 1)
+    memory = data.from_arrays(images, np.arange(24) % 2)
+    streaming = data.Source(spec="stream", split="train", num_examples=24,
+                            class_names=("a", "b"),
+                            dataset=tf.data.Dataset.from_tensor_slices(
+                                (images, np.arange(24, dtype=np.int32) % 2)))
+    built = [data.pipeline(memory, 4, training=True), data.pipeline(memory, 4, training=False),
+             data.pipeline(streaming, 4, training=False),
+             data.training_stream(memory, 4), data.training_stream(streaming, 4),
+             tf.data.Dataset.zip(data.training_stream(memory, 4),
+                                 data.training_stream(memory, 4, with_labels=True))]
+    for dataset in built:
+        assert dataset.options().autotune.enabled is False
+        assert next(iter(dataset)) is not None
+
+
 @pytest.mark.parametrize("fraction, per_class", [(0.01, None), (0.1, None), (None, 7)])
 def test_label_fractions_are_balanced_and_deterministic(fraction, per_class, tmp_path):
     labels = np.repeat(np.arange(10), 300)

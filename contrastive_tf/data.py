@@ -650,9 +650,9 @@ def _options(deterministic: bool = True) -> tf.data.Options:
 
     tf.data's autotuning is off: with it on, deleting an iterator (which
     `model.fit` does when it returns) waits for the autotuner's thread to
-    wake from a sleep whose length doubles while the iterator lives, up to a
-    minute (TensorFlow 2.21). A 20-second `fit` then took up to 20 seconds
-    more to return, a whole `make demo` about a minute more. Without it,
+    wake from a sleep that grows while the iterator lives (TensorFlow 2.21;
+    a race, so only sometimes), which can take as long again as the `fit`
+    (BENCHMARKS.md, third session of 2026-11-29). Without it,
     `num_parallel_calls=AUTOTUNE` runs one call per core and the prefetch
     buffer still grows when the consumer waits. Datasets are sharded by
     data across replicas."""

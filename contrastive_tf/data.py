@@ -537,6 +537,8 @@ def conform(source: Source, image_size: int, channels: int) -> tuple[Source, str
     model trained on such images needs them: resized (`square_resize`) and
     converted gray <-> RGB (luma, as `grayscale` weighs it). Returns the
     source and a sentence saying what was converted (None if nothing)."""
+    if channels not in (1, 3):
+        raise ValueError(f"Expected channels 1 or 3 (the model's). Received: channels={channels}")
     source = to_memory(source, image_size)
     height, width, have = source.images.shape[1:]
     if (height, width, have) == (image_size, image_size, channels):

@@ -163,6 +163,10 @@ def test_images_of_another_size_and_channel_count_are_converted():
     assert note is None and same is gray
     back, _ = data.conform(gray, 8, 3)
     assert np.array_equal(back.images[..., 0], back.images[..., 2])
+    # `channels` is the model's count, never 0 ("infer"), which would have
+    # tripled the channels.
+    with pytest.raises(ValueError, match="channels=0"):
+        data.conform(rgb, 8, 0)
 
 
 def test_folder_layouts_channels_and_whole_splits(tmp_path):

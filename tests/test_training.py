@@ -41,6 +41,8 @@ def test_job_end_to_end_through_absl(tmp_path):
                    f"--model_dir={model_dir}"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "[pretrain] done: step 6/6" in result.stdout
+    assert ("312 steps/epoch, 6 steps in all" in result.stdout
+            and "lines count checkpoint intervals of 4 steps" in result.stdout)
     summary = json.load(open(os.path.join(model_dir, "summary.json")))
     assert summary["step"] == 6 and summary["total_steps"] == 6
     assert summary["images_per_s"] > 0 and summary["wall_s"] > 0

@@ -206,9 +206,9 @@ def run_distill(config, verbose: int = 1) -> dict:
         student, described = build_student(config, teacher, choice.policy)
         policy = precision.precision_of(student)
         log.info(f"distilling {config.teacher} into a student ({described}, {policy}) on "
-            f"{pool.num_examples} images of {config.dataset}, {config.epochs} epochs"
-            + (f", labelled term x{config.label_weight} on {labelled.num_examples} images"
-               if labelled is not None and config.label_weight else ""))
+                 f"{pool.num_examples} images of {config.dataset}, {config.epochs} epochs"
+                 + (f", labelled term x{config.label_weight} on {labelled.num_examples} images"
+                    if labelled is not None and config.label_weight else ""))
         distill(teacher, student, pool, labelled=labelled, label_weight=config.label_weight,
                 epochs=config.epochs, batch_size=config.batch_size,
                 learning_rate=config.learning_rate, temperature=config.temperature,
@@ -223,9 +223,9 @@ def run_distill(config, verbose: int = 1) -> dict:
                        teacher_test_accuracy=finetune.evaluate_classifier(teacher, test),
                        num_test=test.num_examples, test_dataset=config.test_dataset)
         log.info(f"test accuracy: student {summary['test_accuracy']:.4f}, teacher "
-            f"{summary['teacher_test_accuracy']:.4f}")
+                 f"{summary['teacher_test_accuracy']:.4f}")
     summary["wall_s"] = round(time.time() - started, 1)
     write_json(os.path.join(config.output_dir, "summary.json"), summary)
     log.info(f"done: classifier.keras, class_names.json and summary.json in {config.output_dir} "
-        f"({summary['wall_s']} s)")
+             f"({summary['wall_s']} s)")
     return summary

@@ -356,11 +356,11 @@ def finetune_data(config: FinetuneConfig, size: int, channels: int):
                            labels_per_class=config.labels_per_class,
                            label_fraction=config.label_fraction)
         log.info(f"kept a class-balanced subset of {len(chosen)} of the {labelled.num_examples} "
-            "labelled images (labelled_subset.json)")
+                 "labelled images (labelled_subset.json)")
         labelled = labelled.subset(chosen)
     train, val, note = validation_split(labelled, config.val_fraction, config.seed)
     log.info(f"{config.dataset}: {labelled.num_examples} labelled images, "
-        f"{labelled.num_classes} classes; {note}")
+             f"{labelled.num_classes} classes; {note}")
     test = None
     if config.test_dataset:
         test = match_classes(load_labelled(config.test_dataset, "test", size, channels,
@@ -382,9 +382,8 @@ def run_finetune(config: FinetuneConfig, verbose: int = 1) -> dict:
     with seeds.seeded(config.seed):
         classifier = build_classifier(pretrained.encoder, labelled.num_classes, head)
     policy = precision.precision_of(classifier)
-    log.info(f"fine-tuning {config.encoder} from "
-        f"{'its head layer ' + str(head.ft_layer) if head is not None and head.ft_layer else 'h'}"
-        f" for {config.epochs} epochs in {policy}")
+    start = f"its head layer {head.ft_layer}" if head is not None and head.ft_layer else "h"
+    log.info(f"fine-tuning {config.encoder} from {start} for {config.epochs} epochs in {policy}")
     result = train_classifier(
         classifier, train, val, test, epochs=config.epochs, batch_size=config.batch_size,
         learning_rate=config.learning_rate, weight_decay=config.weight_decay,
@@ -403,6 +402,6 @@ def run_finetune(config: FinetuneConfig, verbose: int = 1) -> dict:
     write_json(os.path.join(config.output_dir, "summary.json"), summary)
     shown = f", test {result.test_accuracy:.4f}" if test is not None else ""
     log.info(f"done: validation {result.val_accuracy:.4f} (best epoch {result.best_epoch}/"
-        f"{result.epochs_run}){shown}; classifier.keras, class_names.json and summary.json "
-        f"in {config.output_dir} ({summary['wall_s']} s)")
+             f"{result.epochs_run}){shown}; classifier.keras, class_names.json and summary.json "
+             f"in {config.output_dir} ({summary['wall_s']} s)")
     return summary

@@ -109,6 +109,6 @@ def run_predict(config, verbose: int = 1) -> dict:
     summary["output"] = config.output
     shown = f", accuracy {summary['accuracy']:.4f}" if "accuracy" in summary else ""
     log.info(f"{source.num_examples} images ({kind} {config.model}){shown} -> {config.output}"
-        + (f"; {len(source.skipped)} unreadable file(s) listed with their error"
-           if source.skipped else ""))
+             + (f"; {len(source.skipped)} unreadable file(s) listed with their error"
+                if source.skipped else ""))
     return summary

@@ -449,12 +449,13 @@ def _pretrain(config: PretrainConfig, record: dict, verbose: int,
     plan = plan_run(config, source.num_examples, source.spec)
     model, manager = build_and_restore(config, strategy, plan, run_dir)
     start_step = int(model.optimizer.iterations.numpy())
+    intervals = ("" if plan.chunk == plan.steps_per_epoch else
+                 f"; Keras' \"Epoch k/n\" lines count checkpoint intervals of {plan.chunk} steps")
     log.info("%s: %d images, %d steps/epoch, %d steps in all, %d replica(s), %s; %s%s",
              source.spec, source.num_examples, plan.steps_per_epoch, plan.total_steps,
              strategy.num_replicas_in_sync, config.precision,
              f"resuming at step {start_step}" if start_step else "starting from scratch",
-             "" if plan.chunk == plan.steps_per_epoch else
-             f"; Keras' \"Epoch k/n\" lines count checkpoint intervals of {plan.chunk} steps")
+             intervals)
     guard, knn, all_callbacks = make_callbacks(config, model, manager, plan, run_dir,
                                                source, query, callbacks)
     history, fit_seconds = fit(model, source, config, plan, start_step, all_callbacks,

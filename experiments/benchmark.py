@@ -269,7 +269,7 @@ RELEVANT_CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "a
 def machine() -> str:
     """CPU model, its flags that decide the precision, cores, GPUs, and the
     precision `--precision=auto` picks here."""
-    from contrastive_tf import precision
+    from contrastive_tf.runtime import precision
     cpu = precision.cpu_model()
     if cpu == "unknown":
         cpu = platform.processor() or "unknown CPU"
@@ -289,7 +289,7 @@ def plan_measurements(tf):
     """(step configurations, conv-stage precisions, NT-Xent batches) for
     this machine and the flags: no bf16 where it is emulated (unless named
     with --only), GPU configurations where TensorFlow sees a GPU."""
-    from contrastive_tf import precision
+    from contrastive_tf.runtime import precision
     steps_table = dict(STEPS)
     if tf.config.list_physical_devices("GPU"):
         steps_table.update(GPU_STEPS)

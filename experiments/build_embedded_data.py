@@ -1,4 +1,4 @@
-"""Builds the embedded default dataset shipped in contrastive_tf/datasets/.
+"""Builds the embedded default dataset shipped in contrastive_tf/data/embedded/.
 
 A class-balanced, reproducible subset of Fashion-MNIST (1,000 train and 200
 test images per class) taken from Debian's `dataset-fashion-mnist` package:

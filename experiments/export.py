@@ -15,6 +15,10 @@ from absl import app, flags, logging
 
 from experiments.jobs import reports_known_errors
 
+from contrastive_tf.runs import artifacts
+from contrastive_tf.serving import export
+from contrastive_tf.serving.signatures import DEFAULT_MAX_IMAGE_PIXELS
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model_dir", None, "Run directory (pretraining, fine-tuning or distillation).")
 flags.DEFINE_string("export_root", None, "Folder of exported models (TF Serving's base).")
@@ -23,7 +27,7 @@ flags.DEFINE_enum("kind", "encoder", ["encoder", "classifier"], "What to export.
 flags.DEFINE_integer("version", None, "Version number; default: the next free one.")
 flags.DEFINE_bool("overwrite", False, "Replace an existing version.")
 flags.DEFINE_bool("with_projection", True, "Encoders: include the projection head.")
-flags.DEFINE_integer("max_image_pixels", 1 << 26, "Largest height x width a serving "
+flags.DEFINE_integer("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS, "Largest height x width a serving "
                      "request may send (checked from the image header before decoding).")
 flags.mark_flags_as_required(["model_dir", "export_root", "model_name"])
 
@@ -35,40 +39,31 @@ def main(argv):
     if FLAGS.max_image_pixels < 1:
         raise app.UsageError(f"--max_image_pixels must be >= 1, got {FLAGS.max_image_pixels}")
     logging.set_verbosity(logging.WARNING)
-    import keras
-
-    import contrastive_tf  # noqa: F401  (registers the serialisable classes)
-    from contrastive_tf import export
-    from contrastive_tf.files import read_json
-
-    def optional_json(name):
-        path = os.path.join(FLAGS.model_dir, name)
-        return read_json(path) if os.path.exists(path) else None
-
-    card = {"source_run": os.path.abspath(FLAGS.model_dir),
-            "training_config": optional_json("config.json"),
-            "metrics": (optional_json("summary.json") or {}).get("metrics")}
+    run = FLAGS.model_dir
+    card = {"source_run": os.path.abspath(run),
+            "training_config": artifacts.read_optional_json(run, artifacts.CONFIG),
+            "metrics": (artifacts.read_optional_json(run, artifacts.SUMMARY) or {}).get("metrics")}
     if FLAGS.kind == "encoder":
-        path = os.path.join(FLAGS.model_dir, "simclr.keras")
-        if not os.path.exists(path):
-            raise app.UsageError(f"{path} not found: is {FLAGS.model_dir} a pretraining run?")
-        model = keras.models.load_model(path)
+        if not artifacts.is_pretraining_run(run):
+            raise app.UsageError(f"{run} has no {artifacts.SIMCLR_MODEL}: is it a pretraining "
+                                 "run?")
+        model = artifacts.load_simclr(run)
         target = export.export_encoder(
             model.encoder, FLAGS.export_root, FLAGS.model_name,
             projection_head=model.projection_head if FLAGS.with_projection else None,
             version=FLAGS.version, overwrite=FLAGS.overwrite, card=card,
             max_image_pixels=FLAGS.max_image_pixels)
     else:
-        path = os.path.join(FLAGS.model_dir, "classifier.keras")
-        if not os.path.exists(path):
-            raise app.UsageError(f"{path} not found: is {FLAGS.model_dir} a "
+        if not artifacts.is_classifier_run(run):
+            raise app.UsageError(f"{run} has no {artifacts.CLASSIFIER_MODEL}: is it a "
                                  "fine-tuning or distillation run?")
-        classes = optional_json("class_names.json")
+        classifier, _ = artifacts.load_classifier(run)
+        classes = artifacts.read_optional_json(run, artifacts.CLASS_NAMES)
         if classes is None:
-            print(f"[export] warning: {FLAGS.model_dir} has no class_names.json: the export "
+            print(f"[export] warning: {run} has no {artifacts.CLASS_NAMES}: the export "
                   "answers class ids only, without class names", flush=True)
         target = export.export_classifier(
-            keras.models.load_model(path), FLAGS.export_root, FLAGS.model_name,
+            classifier, FLAGS.export_root, FLAGS.model_name,
             class_names=classes, version=FLAGS.version, overwrite=FLAGS.overwrite,
             card=card, max_image_pixels=FLAGS.max_image_pixels)
     print(f"[export] wrote {target}")

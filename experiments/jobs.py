@@ -12,13 +12,37 @@ import functools
 import importlib
 import re
 import sys
+import types
+import typing
 
 from absl import app, flags, logging
 
-_DEFINE = {"int": flags.DEFINE_integer, "float": flags.DEFINE_float,
-           "bool": flags.DEFINE_bool, "str": flags.DEFINE_string,
-           "str | None": flags.DEFINE_string, "tuple[float, ...]": flags.DEFINE_list}
-_PARSE = {"tuple[float, ...]": lambda values: tuple(float(v) for v in values)}
+from contrastive_tf.data import DataError
+from contrastive_tf.runs.artifacts import ModelSourceError, OutputDirError
+from contrastive_tf.runs.checkpoints import CheckpointWriteError, NonFiniteLossError, ResumeError
+from contrastive_tf.runtime import progress
+from contrastive_tf.serving.export import ExportError
+
+_DEFINE = {int: flags.DEFINE_integer, float: flags.DEFINE_float, bool: flags.DEFINE_bool,
+           str: flags.DEFINE_string, tuple: flags.DEFINE_list}
+
+
+def flag_type(config_cls, field):
+    """(kind, element): the Python type a field's flag holds -- int, float,
+    bool, str, or tuple with its element type -- from the field's
+    annotation; `X | None` and `Optional[X]` are X. Any other annotation is
+    an error naming the field."""
+    hint = typing.get_type_hints(config_cls)[field.name]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint = options[0] if len(options) == 1 else hint
+    if typing.get_origin(hint) is tuple:
+        element = typing.get_args(hint)[0]
+        if element in (int, float, str):
+            return tuple, element
+    elif hint in _DEFINE:
+        return hint, None
+    raise TypeError(f"{config_cls.__name__}.{field.name}: no flag type for {hint!r}")
 
 
 def flag_fields(config_cls) -> list:
@@ -26,30 +50,32 @@ def flag_fields(config_cls) -> list:
     return [f for f in dataclasses.fields(config_cls) if not f.metadata.get("config")]
 
 
-def define_flags(config_cls) -> None:
+def define_flags(config_cls, shared: tuple[str, ...] = ()) -> None:
     """One absl flag per field of a config dataclass: its name, type,
     default, help and allowed values (the field's metadata) -- the dataclass
-    is the one source of every default. A name another config defined
-    already (the pipeline's and pretraining's `seed`) is shared, and must
-    have the same default."""
+    is the one source of every default. A field named in `shared` takes the
+    flag another config defined already (the pipeline passes ("seed",): one
+    --seed seeds its stages and its pretraining), and must have the same
+    default; any other name defined twice is an error."""
     for field in flag_fields(config_cls):
         required = field.metadata.get("required", False)
         default = None if required else field.default
         if field.name in flags.FLAGS:
-            shared = flags.FLAGS[field.name].default
-            if shared != default:
-                raise ValueError(f"--{field.name} is defined twice with different defaults: "
-                                 f"{shared!r} and {default!r} ({config_cls.__name__})")
+            existing = flags.FLAGS[field.name].default
+            if field.name not in shared or existing != default:
+                raise ValueError(f"--{field.name} of {config_cls.__name__} is defined already "
+                                 f"(default {existing!r}, here {default!r}); name it in "
+                                 "`shared` to use one flag for both")
             continue
-        kind = str(field.type)
+        kind, _ = flag_type(config_cls, field)
         choices = field.metadata.get("choices", ())
         help_text = field.metadata["help"] + (" (required)" if required else "")
-        if choices and kind == "str":
+        if choices and kind is str:
             flags.DEFINE_enum(field.name, default, list(choices), help_text)
             continue
         if choices:
             help_text += " One of " + ", ".join(str(c) for c in choices) + "."
-        if kind.startswith("tuple"):
+        if kind is tuple:
             default = [str(v) for v in default]
         _DEFINE[kind](field.name, default, help_text)
 
@@ -60,7 +86,7 @@ def config_from_flags(config_cls, argv=None, **given):
     on another flag); usage errors name the flag."""
     if argv is not None and len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    values = {field.name: _PARSE.get(str(field.type), lambda v: v)(flags.FLAGS[field.name].value)
+    values = {field.name: _parse(config_cls, field, flags.FLAGS[field.name].value)
               for field in flag_fields(config_cls) if field.name not in given}
     values.update(given)
     missing = [f.name for f in flag_fields(config_cls)
@@ -73,15 +99,15 @@ def config_from_flags(config_cls, argv=None, **given):
         raise app.UsageError(str(error)) from None
 
 
-def known_errors() -> tuple[type, ...]:
-    """The library's errors a user can cause and fix."""
-    from contrastive_tf.config import OutputDirError
-    from contrastive_tf.data import DataError
-    from contrastive_tf.export import ExportError
-    from contrastive_tf.finetune import ModelSourceError
-    from contrastive_tf.training import CheckpointWriteError, NonFiniteLossError, ResumeError
-    return (DataError, ResumeError, NonFiniteLossError, CheckpointWriteError, ExportError,
-            ModelSourceError, OutputDirError)
+def _parse(config_cls, field, value):
+    """A flag's value as its config field holds it (list flags -> tuples)."""
+    kind, element = flag_type(config_cls, field)
+    return tuple(element(v) for v in value) if kind is tuple else value
+
+
+# The library's errors a user can cause and fix.
+KNOWN_ERRORS = (DataError, ResumeError, NonFiniteLossError, CheckpointWriteError, ExportError,
+                ModelSourceError, OutputDirError)
 
 
 def as_flags(text: str) -> str:
@@ -98,7 +124,7 @@ def reports_known_errors(main):
         try:
             return main(argv)
         except Exception as error:
-            if isinstance(error, known_errors()):
+            if isinstance(error, KNOWN_ERRORS):
                 print(f"error: {as_flags(str(error))}", file=sys.stderr, flush=True)
                 sys.exit(1)
             raise
@@ -109,7 +135,6 @@ def quiet_absl_show_progress() -> None:
     """absl's own logging down to warnings; the library's progress lines
     (`[stage] message`) on stdout."""
     logging.set_verbosity(logging.WARNING)
-    from contrastive_tf import progress
     progress.show(rewrite=as_flags)
 
 

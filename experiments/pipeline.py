@@ -17,9 +17,9 @@ from absl import app, flags
 from experiments import jobs
 from experiments import pretrain  # noqa: F401  (defines the pretraining flags)
 
-from contrastive_tf.config import PipelineConfig, PretrainConfig
+from contrastive_tf.jobs.config import PipelineConfig, PretrainConfig
 
-jobs.define_flags(PipelineConfig)
+jobs.define_flags(PipelineConfig, shared=("seed",))  # one --seed for all stages
 
 
 def config_from_flags(argv=None) -> PipelineConfig:
@@ -36,8 +36,8 @@ def config_from_flags(argv=None) -> PipelineConfig:
 def main(argv):
     config = config_from_flags(argv)
     jobs.quiet_absl_show_progress()
-    from contrastive_tf import semi_supervised
-    semi_supervised.run_pipeline(config)
+    from contrastive_tf.jobs.pipeline import run_pipeline
+    run_pipeline(config)
 
 
 if __name__ == "__main__":

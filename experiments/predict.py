@@ -11,11 +11,11 @@ unreadable files are listed with their error.
 
 from absl import app
 
-from contrastive_tf.config import PredictConfig
+from contrastive_tf.jobs.config import PredictConfig
 from experiments import jobs
 
 jobs.define_flags(PredictConfig)
-main = jobs.job_main(PredictConfig, "contrastive_tf.predict:run_predict")
+main = jobs.job_main(PredictConfig, "contrastive_tf.jobs.predict:run_predict")
 
 if __name__ == "__main__":
     app.run(main)

@@ -5,7 +5,7 @@
 
 Flags (one per field of `PretrainConfig`, with its default and help) are
 turned into a `PretrainConfig` (written to model_dir/config.json) and handed
-to `contrastive_tf.training.pretrain`. Rerunning the same command resumes
+to `contrastive_tf.jobs.pretrain.pretrain`. Rerunning the same command resumes
 from the last checkpoint in --model_dir.
 """
 
@@ -13,10 +13,10 @@ from absl import app
 
 from experiments import jobs
 
-from contrastive_tf.config import PretrainConfig
+from contrastive_tf.jobs.config import PretrainConfig
 
 jobs.define_flags(PretrainConfig)
-main = jobs.job_main(PretrainConfig, "contrastive_tf.training:pretrain")
+main = jobs.job_main(PretrainConfig, "contrastive_tf.jobs.pretrain:pretrain")
 
 
 if __name__ == "__main__":

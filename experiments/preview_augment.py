@@ -31,8 +31,9 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
     import numpy as np
-    from contrastive_tf import data, visualize
-    from contrastive_tf.augment import SimCLRAugmenter
+    from contrastive_tf import data
+    from contrastive_tf.jobs import visualize
+    from contrastive_tf.method.augment import SimCLRAugmenter
 
     source = data.load(FLAGS.dataset, FLAGS.split, FLAGS.data_dir,
                        image_size=FLAGS.image_size)

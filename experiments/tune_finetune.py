@@ -57,21 +57,23 @@ def parse_trial(text: str) -> tuple[str, dict]:
 def run_trial(config, splits, method: str, options: dict) -> dict:
     """One trial: a classifier trained as the pipeline trains it, with
     `options` changed; returns its record."""
-    from contrastive_tf import finetune, semi_supervised
-    from contrastive_tf.seeds import seeded
+    from contrastive_tf.jobs import finetune
+    from contrastive_tf.jobs import pipeline as pipeline_job
+    from contrastive_tf.method.classifier import build_classifier
+    from contrastive_tf.runtime.seeds import seeded
 
     pre, fraction = config.pretrain, config.fractions[0]
     train = splits.subsets[fraction]
     with seeded(config.seed):  # as the pipeline does
         if method == "simclr":
-            encoder, head = semi_supervised.pretrained_encoder_and_head(pre)
+            encoder, head = pipeline_job.pretrained_parts(pre)
             lr, epochs = config.finetune_learning_rate, config.finetune_epochs
         else:
-            encoder, head = semi_supervised.fresh_encoder_and_head(pre)
+            encoder, head = pipeline_job.fresh_parts(pre)
             lr, epochs = config.supervised_learning_rate, config.supervised_epochs
         if options.get("from", "head") == "h":
             head = None
-        classifier = finetune.build_classifier(encoder, splits.full.num_classes, head)
+        classifier = build_classifier(encoder, splits.full.num_classes, head)
     result = finetune.train_classifier(
         classifier, train, splits.val, splits.test, epochs=options.get("epochs", epochs),
         batch_size=options.get("batch", config.finetune_batch_size),
@@ -85,8 +87,8 @@ def run_trial(config, splits, method: str, options: dict) -> dict:
               "test_accuracy": result.test_accuracy, "best_epoch": result.best_epoch,
               "epochs_run": result.epochs_run}
     if options.get("distill"):
-        student = semi_supervised.distill_student(config, pre, classifier, splits.pool,
-                                                  epochs=options["distill"])
+        student = pipeline_job.distill_student(config, pre, classifier, splits.pool,
+                                               epochs=options["distill"])
         record["student_val_accuracy"] = finetune.evaluate_classifier(student, splits.val)
         record["student_test_accuracy"] = finetune.evaluate_classifier(student, splits.test)
     return record
@@ -103,11 +105,12 @@ def main(argv):
     quiet_absl_show_progress()
 
     import dataclasses
-    from contrastive_tf import precision, semi_supervised
+    from contrastive_tf.jobs import pipeline_data
+    from contrastive_tf.runtime import precision
 
     config = dataclasses.replace(config, fractions=(FLAGS.fraction,), distill_fractions=(),
                                  export_fraction=0.0)
-    splits = semi_supervised.labelled_splits(config)
+    splits = pipeline_data.labelled_splits(config)
     config = dataclasses.replace(config, pretrain=dataclasses.replace(
         config.pretrain, channels=splits.full.image_shape[-1],
         precision=precision.resolve(config.pretrain.precision).policy))

@@ -13,7 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 
 import contrastive_tf as ct  # noqa: E402
-from contrastive_tf import export  # noqa: E402
+from contrastive_tf.serving import export  # noqa: E402
 
 
 def main(root, count):

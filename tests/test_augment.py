@@ -3,8 +3,9 @@ import pytest
 import tensorflow as tf
 import keras
 
-from contrastive_tf import augment
-from contrastive_tf.augment import SimCLRAugmenter
+from contrastive_tf.method import color
+from contrastive_tf.method.crop import RandomResizedCrop
+from contrastive_tf.method.augment import SimCLRAugmenter
 
 SIZE = 16
 DRAWS = 2000  # images per statistic; binomial sd at p=0.5 is about 0.011
@@ -126,7 +127,7 @@ def test_crop_area_and_aspect_follow_the_spec_with_redraws(height, width):
     # Boxes that do not fit are redrawn, not clipped: no crop is full-width or
     # full-height unless its draw fitted, and area / aspect follow the spec's
     # distribution restricted to fitting boxes (NumPy rejection sampler).
-    crop = augment.RandomResizedCrop(16, flip=False, seed=3)
+    crop = RandomResizedCrop(16, flip=False, seed=3)
     boxes = crop.get_random_transformation_batch(
         4000, images=tf.zeros((1, height, width, 1))).numpy()
     w, h = boxes[:, 3] - boxes[:, 1], boxes[:, 2] - boxes[:, 0]
@@ -148,7 +149,7 @@ def test_crop_area_and_aspect_follow_the_spec_with_redraws(height, width):
 def test_crop_falls_back_to_the_centre_when_nothing_fits():
     # A 1:4 image with aspect ratios 3/4-4/3 and area 1: no draw fits, so the
     # box is the centred full-width box of the nearest allowed ratio.
-    crop = augment.RandomResizedCrop(8, crop_area=(1.0, 1.0), flip=False, seed=0)
+    crop = RandomResizedCrop(8, crop_area=(1.0, 1.0), flip=False, seed=0)
     boxes = crop.get_random_transformation_batch(
         16, images=tf.zeros((1, 40, 10, 1))).numpy()
     expected_height = (10 / 40) / 0.75  # width 1, pixel aspect 3/4
@@ -293,7 +294,7 @@ def test_grayscale_images_are_jittered_but_keep_one_channel():
 def test_grayscale_matches_luma_formula():
     images = _colourful(3)
     expected = images @ np.array([0.2989, 0.5870, 0.1140], np.float32)
-    got = augment.grayscale(tf.constant(images)).numpy()
+    got = color.grayscale(tf.constant(images)).numpy()
     for c in range(3):
         np.testing.assert_allclose(got[..., c], expected, rtol=1e-5)
 
@@ -306,7 +307,7 @@ def test_shift_hue_matches_colorsys():
     images[0, 1, :3] = [[0.9, 0.9, 0.2], [0.3, 0.8, 0.8], [0.7, 0.1, 0.7]]  # tied maxima
     images[0, 2, :2] = [[1.0, 0.0, 0.0], [0.2, 0.1, 0.1]]  # hue 0: wraps both ways
     shifts = np.array([0.1, -0.1, 0.45, -0.5], np.float32)
-    got = augment.shift_hue(tf.constant(images), tf.constant(shifts)).numpy()
+    got = color.shift_hue(tf.constant(images), tf.constant(shifts)).numpy()
     expected = np.empty_like(images)
     for n, shift in enumerate(shifts):
         for i in range(images.shape[1]):
@@ -346,7 +347,7 @@ def test_color_jitter_matches_numpy_in_each_images_order(channels):
     factors = rng.uniform(0.2, 1.8, (3, 24)).astype(np.float32)
     hue_shifts = rng.uniform(-0.2, 0.2, 24).astype(np.float32)
     order = np.stack([rng.permutation(count) for _ in range(24)]).astype(np.int32)
-    got = augment.color_jitter(tf.constant(images), tf.constant(factors),
+    got = color.color_jitter(tf.constant(images), tf.constant(factors),
                                tf.constant(hue_shifts), tf.constant(order)).numpy()
     for n in range(24):
         np.testing.assert_allclose(

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import keras
 
-from contrastive_tf.backbones import resnet
+from contrastive_tf.method.backbones import resnet
 
 
 def _trainable(model):

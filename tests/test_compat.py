@@ -1,4 +1,4 @@
-from contrastive_tf import compat
+from contrastive_tf.runtime import compat
 
 
 def test_private_api_this_package_uses_still_exists(tmp_path):

@@ -149,8 +149,8 @@ def test_folder_split_is_the_same_for_every_seed(tmp_path):
     # Python API PipelineConfig.seed and PretrainConfig.seed may differ, so
     # test images could enter pretraining. Now the split depends on file
     # names only: no test image is in any training split, whatever the seeds.
-    from contrastive_tf import semi_supervised
-    from contrastive_tf.config import PipelineConfig, PretrainConfig
+    from contrastive_tf.jobs import pipeline, pipeline_data
+    from contrastive_tf.jobs.config import PipelineConfig, PretrainConfig
     for name in ("a", "b"):
         _write_images(tmp_path / "classes" / name, 10, seed=ord(name))
     spec = f"folder:{tmp_path / 'classes'}"
@@ -159,12 +159,12 @@ def test_folder_split_is_the_same_for_every_seed(tmp_path):
     for seed in range(4):
         pre = PretrainConfig(model_dir="unused", dataset=spec, image_size=8, channels=3,
                              seed=seed)
-        pipeline = PipelineConfig(output_dir="unused", pretrain=pre, seed=seed + 7,
-                                  fractions=(0.2,), val_fraction=0.2)
-        splits = semi_supervised.labelled_splits(pipeline)
+        config = PipelineConfig(output_dir="unused", pretrain=pre, seed=seed + 7,
+                                fractions=(0.2,), val_fraction=0.2)
+        splits = pipeline_data.labelled_splits(config)
         assert {img.tobytes() for img in splits.test.images} == test
         # What the pipeline's pretraining stage reads.
-        pretraining, _ = semi_supervised.pipeline_pretrain_config(pipeline)
+        pretraining, _ = pipeline.pipeline_pretrain_config(config)
         train = data.load(pretraining.dataset, pretraining.splits()[0], image_size=8)
         assert train.num_examples == 16
         assert not test & {img.tobytes() for img in train.images}

@@ -14,7 +14,7 @@ import keras
 from PIL import Image
 
 import contrastive_tf as ct
-from contrastive_tf import export
+from contrastive_tf.serving import export, signatures
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLI = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
@@ -155,12 +155,12 @@ def test_image_size_from_header_matches_pil(fmt, mode, options):
     for width, height in [(1, 1), (300, 7), (7, 300), (257, 1030)]:
         buffer = io.BytesIO()
         Image.new(mode, (width, height)).save(buffer, fmt, **options)
-        got = export.encoded_image_size(tf.constant(buffer.getvalue()))
+        got = signatures.encoded_image_size(tf.constant(buffer.getvalue()))
         with Image.open(io.BytesIO(buffer.getvalue())) as reread:
             assert reread.size == (width, height)
         assert (int(got[0]), int(got[1])) == (height, width), (fmt, mode, options)
     # Not an image: (0, 0), and tf.io.decode_image refuses it later.
-    assert [int(v) for v in export.encoded_image_size(tf.constant(b"hello"))] == [0, 0]
+    assert [int(v) for v in signatures.encoded_image_size(tf.constant(b"hello"))] == [0, 0]
 
 
 def test_finetuning_an_export_trains_its_variables(encoder_export):
@@ -204,7 +204,7 @@ def test_interrupted_export_leaves_no_version_behind(encoder_export, tmp_path, m
     encoder, _, _, _ = encoder_export
     root = str(tmp_path)
     first = export.export_encoder(encoder, root, "enc")
-    real_archive = export._Servable.archive
+    real_archive = signatures.Servable.archive
 
     def crashing_archive(self):
         archive = real_archive(self)
@@ -217,7 +217,7 @@ def test_interrupted_export_leaves_no_version_behind(encoder_export, tmp_path, m
         archive.write_out = write_then_crash
         return archive
 
-    monkeypatch.setattr(export._Servable, "archive", crashing_archive)
+    monkeypatch.setattr(signatures.Servable, "archive", crashing_archive)
     with pytest.raises(KeyboardInterrupt):
         export.export_encoder(encoder, root, "enc")
     assert sorted(os.listdir(os.path.join(root, "enc"))) == ["1"]

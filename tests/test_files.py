@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from contrastive_tf import files
+from contrastive_tf.runtime import files
 
 
 def test_atomic_path_replaces_on_success_and_keeps_the_extension(tmp_path):

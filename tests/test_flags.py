@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from contrastive_tf import config as config_module
+from contrastive_tf.jobs import config as config_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOBS = {

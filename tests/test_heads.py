@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import keras
 
-from contrastive_tf.heads import ProjectionHead
+from contrastive_tf.method.heads import ProjectionHead
 
 EPS = 1e-5
 

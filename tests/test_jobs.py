@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from contrastive_tf import data, finetune
-from contrastive_tf.config import OutputDirError, claim_output_dir
+from contrastive_tf import data
+from contrastive_tf.runs import artifacts
+from contrastive_tf.runs.artifacts import OutputDirError, claim_output_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Appended to the README's commands: the same jobs on a tiny budget (a flag
@@ -136,20 +137,20 @@ def _images(folder, count, size=(12, 12), mode="L", seed=0):
 def test_validation_split_is_class_balanced_and_refuses_single_image_classes(tmp_path):
     labels = np.repeat(np.arange(3), [10, 4, 2])
     source = data.from_arrays(np.zeros((16, 4, 4), np.uint8), labels, ["a", "b", "c"])
-    train, val, note = finetune.validation_split(source, 0.1, seed=0)
+    train, val, note = data.validation_split(source, 0.1, seed=0)
     assert np.bincount(val.labels).tolist() == [1, 1, 1]
     assert train.num_examples == 13 and "one validation image per class" in note
     lonely = data.from_arrays(np.zeros((5, 4, 4), np.uint8), [0, 0, 0, 1, 0], ["a", "b"])
     with pytest.raises(data.DataError, match=r"'b' \(1\)"):
-        finetune.validation_split(lonely, 0.1)
+        data.validation_split(lonely, 0.1)
 
 
 def test_test_classes_are_matched_by_name_and_unknown_ones_refused():
     test = data.from_arrays(np.zeros((2, 4, 4), np.uint8), [0, 1], ["cat", "dog"])
-    matched = finetune.match_classes(test, ("ant", "cat", "dog"))
+    matched = data.match_classes(test, ("ant", "cat", "dog"))
     assert matched.labels.tolist() == [1, 2]
     with pytest.raises(data.DataError, match=r"\['dog'\] are not among"):
-        finetune.match_classes(test, ("ant", "cat"))
+        data.match_classes(test, ("ant", "cat"))
 
 
 def test_images_of_another_size_and_channel_count_are_converted():
@@ -187,10 +188,10 @@ def test_folder_layouts_channels_and_whole_splits(tmp_path):
 
 
 def test_model_sources_and_output_folders_are_checked(tmp_path):
-    with pytest.raises(finetune.ModelSourceError, match="neither a pretraining run"):
-        finetune.load_pretrained(str(tmp_path))
-    with pytest.raises(finetune.ModelSourceError, match="fine-tuning"):
-        finetune.load_classifier(str(tmp_path))
+    with pytest.raises(artifacts.ModelSourceError, match="neither a pretraining run"):
+        artifacts.load_pretrained(str(tmp_path))
+    with pytest.raises(artifacts.ModelSourceError, match="fine-tuning"):
+        artifacts.load_classifier(str(tmp_path))
     claim_output_dir(str(tmp_path / "a"), "finetune", {})
     claim_output_dir(str(tmp_path / "a"), "finetune", {})  # the same job again: fine
     with pytest.raises(OutputDirError, match="holds the results of a finetune job"):
@@ -207,8 +208,8 @@ def test_predict_lists_unreadable_files_and_bad_sources_stop_with_one_line(tmp_p
     import keras
     from tests.testing import tiny_encoder
     keras.utils.set_random_seed(0)
-    classifier = finetune.build_classifier(tiny_encoder(16, 1), 2)
-    finetune.save_classifier(classifier, ["a", "b"], str(tmp_path / "model"))
+    classifier = ct.build_classifier(tiny_encoder(16, 1), 2)
+    artifacts.save_classifier(classifier, ["a", "b"], str(tmp_path / "model"))
     _images(tmp_path / "new", 3, size=(20, 10), mode="RGB")
     (tmp_path / "new" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot an image")
     result = subprocess.run(

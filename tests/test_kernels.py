@@ -13,7 +13,7 @@ def _numpy_bn(x, gamma, beta, mean, var, eps):
 @pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16"])
 def test_fused_batch_norm_matches_numpy_and_keras(precision, shape):
     import tensorflow as tf
-    from contrastive_tf.kernels import FusedBatchNormalization
+    from contrastive_tf.method.kernels import FusedBatchNormalization
 
     keras.mixed_precision.set_global_policy(precision)
     try:
@@ -62,7 +62,7 @@ def test_fused_batch_norm_matches_numpy_and_keras(precision, shape):
 
 
 def test_fused_batch_norm_falls_back_for_other_ranks_and_synchronized_inputs():
-    from contrastive_tf.kernels import FusedBatchNormalization
+    from contrastive_tf.method.kernels import FusedBatchNormalization
 
     x = np.random.RandomState(1).randn(8, 3, 4).astype(np.float32)
     layer = FusedBatchNormalization(epsilon=1e-3)
@@ -107,7 +107,7 @@ def _numpy_conv(x, w, strides, padding):
     ((3, 3), (1, 1), (9, 9), "same")])  # 81 output pixels: Keras' own path
 def test_small_map_conv_matches_numpy(kernel, strides, size, padding):
     import tensorflow as tf
-    from contrastive_tf.kernels import SmallMapConv2D
+    from contrastive_tf.method.kernels import SmallMapConv2D
 
     rng = np.random.RandomState(0)
     x = rng.randn(3, *size, 5).astype(np.float32)
@@ -141,7 +141,7 @@ def test_small_map_conv_matches_numpy(kernel, strides, size, padding):
 
 def test_small_map_conv_takes_the_per_tap_route_in_reduced_precision_only():
     import tensorflow as tf
-    from contrastive_tf.kernels import SmallMapConv2D
+    from contrastive_tf.method.kernels import SmallMapConv2D
 
     x = tf.zeros((2, 4, 4, 3))
     layer = SmallMapConv2D(5, 3, padding="same")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import keras
 
-from contrastive_tf import optim
+from contrastive_tf.method import optim
 
 
 def numpy_lars(weights, grads_per_step, lr, momentum, eta, wd, excluded):

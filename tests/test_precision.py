@@ -1,7 +1,7 @@
 import keras
 import pytest
 
-from contrastive_tf import precision
+from contrastive_tf.runtime import precision
 
 AVX2 = frozenset({"sse4_2", "avx", "avx2", "fma"})
 AVX512_BF16 = AVX2 | {"avx512f", "avx512bw", "avx512_bf16"}

@@ -9,7 +9,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _SCRIPT = """
 import logging
-from contrastive_tf import progress
+from contrastive_tf.runtime import progress
 log = progress.logger("pretrain")
 log.info("hidden: nothing is shown before show()")
 progress.show(rewrite=lambda text: text.replace("`batch_size`", "--batch_size"))
@@ -32,7 +32,7 @@ def test_show_prints_stage_lines_and_warnings_apart():
 
 
 def test_library_logs_reach_standard_logging(caplog):
-    from contrastive_tf import progress
+    from contrastive_tf.runtime import progress
     with caplog.at_level(logging.INFO, logger="contrastive_tf"):
         progress.logger("finetune").info("hello %s", "there")
     assert [(r.name, r.getMessage()) for r in caplog.records] == [

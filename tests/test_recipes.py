@@ -24,7 +24,7 @@ SHRINK = ["--train_steps=2", "--batch_size=8", "--base_width=4", "--knn_bank_siz
 def _config(recipe, model_dir):
     from absl import flags
     from experiments import jobs, pretrain  # noqa: F401  (defines the flags)
-    from contrastive_tf.config import PretrainConfig
+    from contrastive_tf.jobs.config import PretrainConfig
     flags.FLAGS.unparse_flags()
     flags.FLAGS(["pretrain", f"--flagfile=experiments/configs/{recipe}",
                  f"--model_dir={model_dir}", *SHRINK])
@@ -35,7 +35,8 @@ def _config(recipe, model_dir):
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_starts_and_trains(recipe, tmp_path, monkeypatch):
     import tensorflow_datasets as tfds
-    from contrastive_tf import data, training
+    from contrastive_tf import data
+    from contrastive_tf.jobs import pretrain
 
     monkeypatch.chdir(ROOT)
     config = _config(recipe, str(tmp_path / "run"))
@@ -44,7 +45,7 @@ def test_recipe_starts_and_trains(recipe, tmp_path, monkeypatch):
     monkeypatch.setattr(data, "load_tfds", lambda name, split="train", data_dir=None,
                         download=False: load_tfds(name, split, data_dir, True))
     with tfds.testing.mock_data(num_examples=24):
-        summary = training.pretrain(config, verbose=0)
+        summary = pretrain.pretrain(config, verbose=0)
     assert summary["step"] == 2
     assert np.isfinite(summary["metrics"]["loss"])
 

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from contrastive_tf.seeds import seeded
+from contrastive_tf.runtime.seeds import seeded
 
 
 def _draws():
@@ -40,7 +40,7 @@ def test_draws_inside_repeat_and_outside_state_is_restored():
 
 def test_restored_on_error_and_unseeded_stays_unseeded():
     tf.random.set_seed(None)
-    from contrastive_tf import compat
+    from contrastive_tf.runtime import compat
     before = compat.keras_seed_state()
     try:
         with seeded(5):
@@ -52,8 +52,8 @@ def test_restored_on_error_and_unseeded_stays_unseeded():
 
 
 def test_deterministic_ops_only_inside_the_block():
-    from contrastive_tf import compat
-    from contrastive_tf.seeds import deterministic_ops
+    from contrastive_tf.runtime import compat
+    from contrastive_tf.runtime.seeds import deterministic_ops
     assert not compat.op_determinism_enabled()
     with deterministic_ops(True):
         assert compat.op_determinism_enabled()

@@ -10,9 +10,11 @@ import tensorflow as tf
 import keras
 
 import contrastive_tf as ct
-from contrastive_tf import data, finetune, semi_supervised
-from contrastive_tf.config import PipelineConfig, PretrainConfig
-from contrastive_tf.distill import Distiller
+from contrastive_tf import data
+from contrastive_tf.jobs import finetune, pipeline, pipeline_data
+from contrastive_tf.jobs.config import PipelineConfig, PretrainConfig
+from contrastive_tf.method import classifier
+from contrastive_tf.method.distiller import Distiller
 from tests.testing import tiny_encoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,7 +32,7 @@ def test_build_classifier_starts_from_the_chosen_head_layer():
     encoder = tiny_encoder(16, 1)
     head = ct.ProjectionHead(3, 8, ft_layer=1)
     head.build(encoder.output.shape)
-    classifier = finetune.build_classifier(encoder, 5, head)
+    classifier = ct.build_classifier(encoder, 5, head)
     x = np.random.RandomState(0).rand(2, 16, 16, 1).astype("float32")
     features = head.finetune_features(encoder(x, training=False), training=False)
     logits_layer = classifier.get_layer("logits")
@@ -43,7 +45,7 @@ def test_build_classifier_starts_from_the_chosen_head_layer():
 
 def test_classifier_refuses_uint8_images_passed_as_numbers():
     # 0-255 values fed as floats used to be classified silently (and wrongly).
-    classifier = finetune.build_classifier(tiny_encoder(16, 1), 3)
+    classifier = ct.build_classifier(tiny_encoder(16, 1), 3)
     images = np.random.RandomState(0).rand(2, 16, 16, 1).astype("float32")
     assert classifier.predict(images, verbose=0).shape == (2, 3)
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"\[0, 1\].*divide by 255"):
@@ -56,7 +58,7 @@ def test_evaluate_classifier_matches_numpy_argmax():
     # last batch of the pipeline is partial.
     source = _separable(37, 3)
     keras.utils.set_random_seed(1)
-    classifier = finetune.build_classifier(tiny_encoder(16, 1), 3)
+    classifier = ct.build_classifier(tiny_encoder(16, 1), 3)
     logits = classifier.predict(source.images.astype("float32") / 255.0, verbose=0)
     expected = np.mean(np.argmax(logits, axis=1) == source.labels)
     assert 0 < expected < 1  # an untrained classifier: some right, some wrong
@@ -66,7 +68,7 @@ def test_evaluate_classifier_matches_numpy_argmax():
 def test_train_classifier_learns_and_keeps_best_validation_weights():
     train, val, test = _separable(48), _separable(30, 1), _separable(30, 2)
     keras.utils.set_random_seed(0)
-    classifier = finetune.build_classifier(tiny_encoder(16, 1), 3)
+    classifier = ct.build_classifier(tiny_encoder(16, 1), 3)
     result = finetune.train_classifier(classifier, train, val, test, epochs=8,
                                        batch_size=16, learning_rate=0.05, patience=3)
     assert result.test_accuracy > 0.8
@@ -83,7 +85,7 @@ def test_train_classifier_runs_the_whole_schedule_without_patience():
     val = data.from_arrays(noisy.images, np.random.RandomState(0).permutation(noisy.labels),
                            noisy.class_names)
     keras.utils.set_random_seed(0)
-    classifier = finetune.build_classifier(tiny_encoder(16, 1), 3)
+    classifier = ct.build_classifier(tiny_encoder(16, 1), 3)
     result = finetune.train_classifier(classifier, train, val, test, epochs=6,
                                        batch_size=16, learning_rate=0.05)
     assert result.epochs_run == 6 and result.best_epoch < 6
@@ -95,7 +97,7 @@ def test_train_classifier_runs_the_whole_schedule_without_patience():
 
 def test_best_epoch_ties_go_to_the_latest_and_patience_stops():
     model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
-    keeper = finetune.KeepBestEpoch(patience=0)
+    keeper = classifier.KeepBestEpoch(patience=0)
     keeper.set_model(model)
     keeper.on_train_begin()
     for epoch, accuracy in enumerate([0.5, 0.7, 0.6, 0.7, 0.6]):
@@ -104,7 +106,7 @@ def test_best_epoch_ties_go_to_the_latest_and_patience_stops():
     keeper.on_train_end()
     assert keeper.best_epoch == 4 and keeper.best == 0.7
     assert float(model.layers[0].bias.numpy()[0]) == 3.0  # epoch 4's weights
-    patient = finetune.KeepBestEpoch(patience=2)
+    patient = classifier.KeepBestEpoch(patience=2)
     patient.set_model(model)
     patient.on_train_begin()
     for epoch, accuracy in enumerate([0.5, 0.7, 0.7, 0.6]):
@@ -116,7 +118,7 @@ def test_labelled_splits_are_disjoint_class_balanced_and_repeatable():
     pre = PretrainConfig(dataset="embedded", image_size=28, model_dir="unused")
     config = PipelineConfig(output_dir="unused", pretrain=pre, fractions=(0.01, 0.1),
                             val_fraction=0.1, seed=3)
-    splits = semi_supervised.labelled_splits(config)
+    splits = pipeline_data.labelled_splits(config)
     n = splits.full.num_examples
     assert splits.val.num_examples + splits.pool.num_examples == n
     val_rows = set(range(n)) - set(splits.pool_index.tolist())
@@ -128,7 +130,7 @@ def test_labelled_splits_are_disjoint_class_balanced_and_repeatable():
         assert (counts == round(fraction * n / 10)).all(), counts
         np.testing.assert_array_equal(splits.subsets[fraction].labels,
                                       splits.full.labels[rows])
-    again = semi_supervised.labelled_splits(config)
+    again = pipeline_data.labelled_splits(config)
     np.testing.assert_array_equal(again.pool_index, splits.pool_index)
     np.testing.assert_array_equal(again.chosen[0.01], splits.chosen[0.01])
 
@@ -138,7 +140,7 @@ def test_fresh_models_use_the_pretraining_precision():
     # encoder it is compared with, whatever the global policy is.
     pre = PretrainConfig(dataset="embedded", image_size=16, channels=1, base_width=4,
                          precision="mixed_bfloat16", model_dir="unused")
-    encoder, head = semi_supervised.fresh_encoder_and_head(pre)
+    encoder, head = pipeline.fresh_parts(pre)
     assert encoder.get_layer("stem_conv").compute_dtype == "bfloat16"
     assert head.dense_0.compute_dtype == "bfloat16"
     assert keras.mixed_precision.global_policy().name == "float32"
@@ -163,8 +165,8 @@ def test_finetuning_and_distillation_under_mixed_float16():
     pre = PretrainConfig(dataset="embedded", image_size=16, channels=1, base_width=4,
                          projection_layers=2, ft_layer=0, batch_size=16,
                          precision="mixed_float16", model_dir="unused")
-    encoder, _ = semi_supervised.fresh_encoder_and_head(pre)
-    teacher = finetune.build_classifier(encoder, 3)
+    encoder, _ = pipeline.fresh_parts(pre)
+    teacher = ct.build_classifier(encoder, 3)
     record = _RecordTraining()
     result = finetune.train_classifier(teacher, train, val, test, epochs=8, batch_size=16,
                                        learning_rate=0.05, callbacks=[record])
@@ -176,11 +178,11 @@ def test_finetuning_and_distillation_under_mixed_float16():
     config = PipelineConfig(output_dir="unused", pretrain=pre, student_init="scratch",
                             distill_learning_rate=0.05)
     record = _RecordTraining()
-    student = semi_supervised.distill_student(config, pre, teacher, _separable(96, 3),
+    student = pipeline.distill_student(config, pre, teacher, _separable(96, 3),
                                               epochs=6, callbacks=[record])
     assert isinstance(record.optimizer, keras.optimizers.LossScaleOptimizer)
     assert student.get_layer("logits").dtype_policy.name == "float32"
-    assert semi_supervised.precision.precision_of(student) == "mixed_float16"
+    assert pipeline.precision.precision_of(student) == "mixed_float16"
     assert np.all(np.isfinite(record.losses)) and record.losses[-1] < record.losses[0]
     assert finetune.evaluate_classifier(student, test) > 0.6
     assert keras.mixed_precision.global_policy().name == "float32"
@@ -190,8 +192,8 @@ def test_distiller_moves_the_student_towards_the_teacher():
     keras.utils.set_random_seed(0)
     inputs = keras.Input((16, 16, 1))
     teacher = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(inputs)))
-    student = finetune.build_classifier(tiny_encoder(16, 1), 3)
-    distiller = Distiller(teacher, student, finetune.finetune_augmenter(16, 0.5))
+    student = ct.build_classifier(tiny_encoder(16, 1), 3)
+    distiller = Distiller(teacher, student, ct.finetune_augmenter(16, 0.5))
     distiller.compile(optimizer=keras.optimizers.Adam(3e-3))
     images = _separable(64).images
     history = distiller.fit(tf.data.Dataset.from_tensor_slices(images).batch(32).repeat(),
@@ -209,11 +211,11 @@ def test_distillation_with_a_separate_labelled_set_learns_from_its_labels():
     # The teacher is untrained (its soft labels carry no information); with a
     # heavy labelled term the student still learns the task from the
     # separate labelled batches.
-    from contrastive_tf import distill
+    from contrastive_tf.jobs import distill
     keras.utils.set_random_seed(0)
     inputs = keras.Input((16, 16, 1))
     teacher = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(inputs)))
-    student = finetune.build_classifier(tiny_encoder(16, 1), 3)
+    student = ct.build_classifier(tiny_encoder(16, 1), 3)
     pool = dataclasses.replace(_separable(64, 5), labels=None)
     labelled, test = _separable(48), _separable(60, 2)
     distill.distill(teacher, student, pool, labelled=labelled, label_weight=5.0, epochs=8,
@@ -227,7 +229,7 @@ def test_distiller_rejects_mismatched_classes():
     a = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(inputs)))
     b = keras.Model(inputs, keras.layers.Dense(4)(keras.layers.Flatten()(inputs)))
     with pytest.raises(ValueError, match="classes"):
-        Distiller(a, b, finetune.finetune_augmenter(8))
+        Distiller(a, b, ct.finetune_augmenter(8))
 
 
 @pytest.mark.slow
@@ -245,7 +247,7 @@ def test_pipeline_end_to_end_on_a_tiny_budget(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| simclr_finetune |" in result.stdout
     report = json.load(open(out / "results.json"))
-    for method in semi_supervised.METHODS:
+    for method in pipeline_data.METHODS:
         assert report[method], method
         assert all(0.0 <= v <= 1.0 for v in report[method].values())
     assert set(report["simclr_finetune"]) == {"0.01", "0.1"}

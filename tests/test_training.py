@@ -139,8 +139,8 @@ def test_invalid_flags_fail_before_any_work(tmp_path):
 
 _DETERMINISM_SCRIPT = """
 import sys, numpy as np, keras
-from contrastive_tf import training
-from contrastive_tf.config import PretrainConfig
+from contrastive_tf.jobs import pretrain
+from contrastive_tf.jobs.config import PretrainConfig
 
 class Crash(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
@@ -154,10 +154,10 @@ config = PretrainConfig(model_dir=sys.argv[1], image_size=16, base_width=4,
                         knn_bank_size=200, knn_k=10)
 if sys.argv[2] == "crash":
     try:
-        training.pretrain(config, verbose=0, callbacks=[Crash()])
+        pretrain.pretrain(config, verbose=0, callbacks=[Crash()])
     except KeyboardInterrupt:
         pass
-training.pretrain(config, verbose=0)
+pretrain.pretrain(config, verbose=0)
 model = keras.models.load_model(sys.argv[1] + "/simclr.keras")
 np.savez(sys.argv[1] + "/weights.npz", *[w.numpy() for w in model.weights])
 """
@@ -183,7 +183,8 @@ def test_resumed_run_matches_uninterrupted_run_with_op_determinism(tmp_path):
 def test_non_finite_loss_stops_without_overwriting_the_checkpoint(tmp_path):
     import keras
     import tensorflow as tf
-    from contrastive_tf import optim, training
+    from contrastive_tf.method import optim
+    from contrastive_tf.runs import checkpoints
 
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     model.compile(optimizer="sgd", loss="mse")
@@ -191,11 +192,11 @@ def test_non_finite_loss_stops_without_overwriting_the_checkpoint(tmp_path):
     checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
     manager = tf.train.CheckpointManager(checkpoint, str(tmp_path), max_to_keep=3)
     manager.save(checkpoint_number=0)
-    guard = training.CheckpointAndGuard(manager, every_steps=1, total_steps=10,
+    guard = checkpoints.CheckpointAndGuard(manager, every_steps=1, total_steps=10,
                                         schedule=optim.WarmupCosine(1.0, 0, 10))
     guard.set_model(model)
     model.optimizer.iterations.assign(1)
-    with pytest.raises(training.NonFiniteLossError, match="at step 1"):
+    with pytest.raises(checkpoints.NonFiniteLossError, match="at step 1"):
         guard.on_train_batch_end(0, {"loss": np.float32("nan")})
     assert manager.latest_checkpoint.endswith("ckpt-0")
     guard.on_train_batch_end(0, {"loss": np.float32(1.0)})
@@ -325,13 +326,14 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path):
 # -- the pretraining stages, one at a time -----------------------------------
 
 def test_plan_run_counts_steps_and_clamps_warmup(caplog):
-    from contrastive_tf import data, training
-    from contrastive_tf.config import PretrainConfig
+    from contrastive_tf import data
+    from contrastive_tf.jobs import pretrain
+    from contrastive_tf.jobs.config import PretrainConfig
 
     config = PretrainConfig(model_dir="unused", batch_size=100, epochs=3, warmup_epochs=2,
                             learning_rate=0.3, lr_scaling="linear")
     with caplog.at_level("INFO", logger="contrastive_tf"):
-        plan = training.plan_run(config, 1050, "folder:x")
+        plan = pretrain.plan_run(config, 1050, "folder:x")
     assert (plan.steps_per_epoch, plan.total_steps) == (10, 30)
     assert plan.warmup_steps == 3  # 20 asked for, 10% of 30 kept
     assert "warmup clamped from 20 to 3 steps" in caplog.text
@@ -340,14 +342,14 @@ def test_plan_run_counts_steps_and_clamps_warmup(caplog):
     np.testing.assert_allclose(float(plan.schedule(3)), peak, rtol=1e-6)
     assert float(plan.schedule(30)) < 1e-6 * peak + 1e-12
     with pytest.raises(data.DataError, match="fewer than one batch of 100"):
-        training.plan_run(config, 99, "folder:x")
+        pretrain.plan_run(config, 99, "folder:x")
 
 
 def test_load_training_data_fills_in_channels_and_the_query_set():
-    from contrastive_tf import training
-    from contrastive_tf.config import PretrainConfig
+    from contrastive_tf.jobs import pretrain
+    from contrastive_tf.jobs.config import PretrainConfig
 
-    config, source, query = training.load_training_data(PretrainConfig(
+    config, source, query = pretrain.load_training_data(PretrainConfig(
         model_dir="unused", dataset="embedded", image_size=28))
     assert config.channels == 1 and source.image_shape == (28, 28, 1)
     assert query is not None and query.split != source.split and query.labelled
@@ -355,16 +357,16 @@ def test_load_training_data_fills_in_channels_and_the_query_set():
 
 def test_check_resumable_names_each_differing_setting(tmp_path):
     import dataclasses
-    from contrastive_tf import training
-    from contrastive_tf.config import PretrainConfig
-    from contrastive_tf.files import write_json
+    from contrastive_tf.jobs.config import PretrainConfig
+    from contrastive_tf.runs import checkpoints
+    from contrastive_tf.runtime.files import write_json
 
     config = PretrainConfig(model_dir=str(tmp_path), depth=18, base_width=16)
-    path = str(tmp_path / "config.json")
-    write_json(path, config.to_dict())
-    training.check_resumable(dataclasses.replace(config, epochs=7), path, True)  # not architecture
-    changed = dataclasses.replace(config, depth=34, base_width=8)
-    with pytest.raises(training.ResumeError, match="depth: checkpoint has 18, now 34.*"
-                                                   "base_width: checkpoint has 16, now 8"):
-        training.check_resumable(changed, path, True)
-    training.check_resumable(changed, path, False)  # no checkpoint: nothing to resume
+    write_json(str(tmp_path / "config.json"), config.to_dict())
+    not_architecture = dataclasses.replace(config, epochs=7)
+    checkpoints.check_resumable(str(tmp_path), not_architecture.architecture(), True)
+    changed = dataclasses.replace(config, depth=34, base_width=8).architecture()
+    with pytest.raises(checkpoints.ResumeError, match="depth: checkpoint has 18, now 34.*"
+                                                      "base_width: checkpoint has 16, now 8"):
+        checkpoints.check_resumable(str(tmp_path), changed, True)
+    checkpoints.check_resumable(str(tmp_path), changed, False)  # no checkpoint: nothing to resume

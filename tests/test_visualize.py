@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 import contrastive_tf as ct
-from contrastive_tf import visualize
+from contrastive_tf.jobs import visualize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ["a", "b", "c"]

@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-quick clean
+.PHONY: install demo test test-quick mutation clean
 
 $(STAMP): requirements.txt requirements-dev.txt setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,5 +27,11 @@ test: $(STAMP)
 test-quick: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
 
+# Mutation testing of the numerics-critical modules (setup.cfg [mutmut]);
+# `.venv/bin/mutmut results` lists the survivors, `mutmut show NAME` one of them.
+mutation: $(STAMP)
+	$(PY) -m pip install -q mutmut==3.8.1
+	$(VENV)/bin/mutmut run --max-children 2
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs mutants

@@ -27,8 +27,9 @@ flags.DEFINE_enum("kind", "encoder", ["encoder", "classifier"], "What to export.
 flags.DEFINE_integer("version", None, "Version number; default: the next free one.")
 flags.DEFINE_bool("overwrite", False, "Replace an existing version.")
 flags.DEFINE_bool("with_projection", True, "Encoders: include the projection head.")
-flags.DEFINE_integer("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS, "Largest height x width a serving "
-                     "request may send (checked from the image header before decoding).")
+flags.DEFINE_integer("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS,
+                     "Largest height x width a serving request may send (checked from the "
+                     "image header before decoding).")
 flags.mark_flags_as_required(["model_dir", "export_root", "model_name"])
 
 

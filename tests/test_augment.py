@@ -348,7 +348,7 @@ def test_color_jitter_matches_numpy_in_each_images_order(channels):
     hue_shifts = rng.uniform(-0.2, 0.2, 24).astype(np.float32)
     order = np.stack([rng.permutation(count) for _ in range(24)]).astype(np.int32)
     got = color.color_jitter(tf.constant(images), tf.constant(factors),
-                               tf.constant(hue_shifts), tf.constant(order)).numpy()
+                             tf.constant(hue_shifts), tf.constant(order)).numpy()
     for n in range(24):
         np.testing.assert_allclose(
             got[n], _numpy_jitter(images[n], factors[:, n], hue_shifts[n], order[n]),

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import contrastive_tf as ct
 from contrastive_tf import data
 from contrastive_tf.runs import artifacts
 from contrastive_tf.runs.artifacts import OutputDirError, claim_output_dir
@@ -46,6 +47,24 @@ def _readme_commands(heading):
             if line.startswith("python -m experiments.")]
 
 
+def _folder_accuracy(run, folder) -> float:
+    """Accuracy of a run's classifier.keras on a folder of class subfolders,
+    computed here: Pillow decodes each file, NumPy scales it to [0, 1] and
+    takes the argmax (the files are already at the model's size)."""
+    import keras
+    classifier = keras.models.load_model(os.path.join(run, "classifier.keras"))
+    names = json.load(open(os.path.join(run, "class_names.json")))
+    size = classifier.input.shape[1]
+    hits = []
+    for label, name in enumerate(names):
+        for file in sorted(os.listdir(os.path.join(folder, name))):
+            image = np.asarray(Image.open(os.path.join(folder, name, file)), np.float32) / 255
+            assert image.shape[:2] == (size, size)
+            image = image.reshape(1, size, size, -1)
+            hits.append(int(np.argmax(classifier.predict(image, verbose=0))) == label)
+    return float(np.mean(hits))
+
+
 def _run(words, work):
     """Runs a README command from the repository root (as the README does:
     its flag files name each other relative to it), with its folders
@@ -74,20 +93,31 @@ def test_readme_walkthrough_runs_on_generated_folders(tmp_path):
     assert re.findall(r"own_images/unlabelled: (\d+) images", outputs["pretrain"]) == ["300"]
     summary = json.load(open(tmp_path / "runs/own/finetune/summary.json"))
     assert summary["num_labelled"] == 40 and summary["num_val"] == 10
-    assert 0 <= summary["test_accuracy"] <= 1 and summary["num_test"] == 40
+    assert summary["num_train"] == 30 and summary["num_test"] == 40
+    # The fine-tuned classifier's test accuracy is what its saved model
+    # scores on the test folder, computed here from the files.
+    assert summary["test_accuracy"] == pytest.approx(_folder_accuracy(
+        tmp_path / "runs/own/finetune", tmp_path / "own_images/test"), abs=1e-6)
     student = json.load(open(tmp_path / "runs/own/student/summary.json"))
-    assert {"test_accuracy", "teacher_test_accuracy"} <= set(student)
+    assert student["num_images"] == 300 and student["num_test"] == 40
     rows = list(csv.DictReader(open(tmp_path / "runs/own/predictions.csv")))
     assert len(rows) == 40
     names = json.load(open(tmp_path / "runs/own/student/class_names.json"))
-    assert all(row["class_name"] in names and row["label"] in names for row in rows)
+    assert names == sorted(os.listdir(tmp_path / "own_images/test"))
     assert all(os.path.exists(row["image"]) for row in rows)
-    # The exported student answers serving requests (PNG bytes) with class names.
+    # Each row's label is the class folder its file is in, and the student's
+    # reported test accuracy is the share of rows whose prediction is it.
+    assert all(row["label"] == os.path.basename(os.path.dirname(row["image"])) for row in rows)
+    hits = np.mean([row["class_name"] == row["label"] for row in rows])
+    assert student["test_accuracy"] == pytest.approx(hits, abs=1e-6)
+    # The exported student answers serving requests (PNG bytes) as predict did.
     import tensorflow as tf
     served = tf.saved_model.load(str(tmp_path / "exports/own_classifier/1"))
     png = open(rows[0]["image"], "rb").read()
     answer = served.signatures["serving_default"](images=tf.constant([png, b"not an image"]))
-    assert answer["class_name"].numpy()[0].decode() in names
+    assert answer["class_name"].numpy()[0].decode() == rows[0]["class_name"]
+    assert float(np.max(answer["probabilities"].numpy()[0])) == pytest.approx(
+        float(rows[0]["probability"]), abs=1e-4)
     # An unreadable element of the batch is flagged; the others are answered.
     assert answer["readable"].numpy().tolist() == [True, False]
     assert answer["class_id"].numpy()[1] == -1 and answer["class_name"].numpy()[1] == b""
@@ -154,16 +184,32 @@ def test_test_classes_are_matched_by_name_and_unknown_ones_refused():
 
 
 def test_images_of_another_size_and_channel_count_are_converted():
-    rng = np.random.RandomState(0)
-    rgb = data.from_arrays(rng.randint(0, 255, (3, 20, 30, 3)).astype(np.uint8), [0, 1, 0])
+    # Each 20x30 RGB image: its central 20x20 square one colour, the 5-pixel
+    # bands left and right another. Converted as the model's training images
+    # were (the central square, gray by ITU-R 601 luma, resized), every pixel
+    # is the luma of the square's colour; a top-left crop or a squash of the
+    # whole image mixes in the bands, and for these colours the plain mean of
+    # R, G and B is far from the luma.
+    centre = np.array([[255, 0, 0], [0, 0, 255], [40, 200, 90]], np.uint8)
+    bands = np.array([[0, 255, 255], [255, 255, 0], [250, 10, 250]], np.uint8)
+    images = np.empty((3, 20, 30, 3), np.uint8)
+    images[:] = bands[:, None, None]
+    images[:, :, 5:25] = centre[:, None, None]
+    rgb = data.from_arrays(images, [0, 1, 0])
     gray, note = data.conform(rgb, 8, 1)
     assert gray.images.shape == (3, 8, 8, 1) and "20x30x3 to 8x8x1" in note
-    luma = rgb.images[0, 5:15, 10:20].astype(float) @ [0.2989, 0.5870, 0.1140]
-    assert abs(gray.images[0].mean() - luma.mean()) < 3  # the central square's luma
+    luma = np.round(centre.astype(np.float64) @ [0.299, 0.587, 0.114])  # 76, 29, 140
+    np.testing.assert_array_equal(gray.images[..., 0], np.broadcast_to(
+        luma[:, None, None], (3, 8, 8)))
+    # Size alone: the square's colour, exactly.
+    small, note = data.conform(rgb, 8, 3)
+    assert "20x30x3 to 8x8x3" in note
+    np.testing.assert_array_equal(small.images, np.broadcast_to(
+        centre[:, None, None], (3, 8, 8, 3)))
     same, note = data.conform(gray, 8, 1)
     assert note is None and same is gray
     back, _ = data.conform(gray, 8, 3)
-    assert np.array_equal(back.images[..., 0], back.images[..., 2])
+    np.testing.assert_array_equal(back.images, np.repeat(gray.images, 3, axis=-1))
     # `channels` is the model's count, never 0 ("infer"), which would have
     # tripled the channels.
     with pytest.raises(ValueError, match="channels=0"):

@@ -55,6 +55,35 @@ def test_nt_xent_rejects_bad_temperature(temperature):
         ct.nt_xent(np.ones((2, 2)), np.ones((2, 2)), temperature)
 
 
+def test_default_temperature_is_the_imagenet_recipes():
+    rng = np.random.RandomState(5)
+    z1, z2 = rng.normal(size=(6, 4)), rng.normal(size=(6, 4))
+    expected_loss, _ = numpy_nt_xent(z1, z2, 0.1)
+    assert float(ct.nt_xent(z1, z2)) == pytest.approx(expected_loss, rel=1e-5)
+
+
+def test_contrastive_accuracy_across_replicas_matches_numpy(mirrored):
+    # Each replica scores its own anchors against every view of the global
+    # batch (a rectangular block of the similarity matrix); the mean over the
+    # replicas is the accuracy of the whole batch.
+    rng = np.random.RandomState(11)
+    z1 = rng.normal(size=(8, 3)).astype(np.float32)
+    z2 = (z1 + rng.normal(scale=1.2, size=(8, 3))).astype(np.float32)
+    _, expected = numpy_nt_xent(z1, z2, 0.5)
+    assert 0 < expected < 1
+    dataset = mirrored.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensor_slices((z1, z2)).batch(8))
+
+    @tf.function
+    def step(batch):
+        return mirrored.run(lambda a, b: ct.nt_xent_with_accuracy(a, b, 0.5)[1], batch)
+
+    accuracies = [float(a) for batch in dataset
+                  for a in mirrored.experimental_local_results(step(batch))]
+    assert len(accuracies) == 2
+    assert np.mean(accuracies) == pytest.approx(expected)
+
+
 def test_global_negatives_across_replicas_match_single_replica(mirrored):
     """Loss and gradients under 2 replicas equal those on one device."""
     strategy = mirrored

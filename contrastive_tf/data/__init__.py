@@ -26,7 +26,7 @@ from contrastive_tf.data.builtin import (DEBIAN_FASHION_MNIST_DIR, EMBEDDED_PATH
                                          FASHION_MNIST_CLASSES, load_embedded,
                                          load_fashion_mnist, load_tfds, read_fashion_mnist_dir,
                                          read_idx)
-from contrastive_tf.data.convert import conform, square_resize, to_memory
+from contrastive_tf.data.convert import conform, head, square_resize, to_memory
 from contrastive_tf.data.folders import (IMAGE_EXTENSIONS, SPLIT_FOLDERS, infer_channels,
                                          list_folder, load_folder, split_folders)
 from contrastive_tf.data.labels import (class_balanced_indices, match_classes, validation_split,
@@ -38,8 +38,9 @@ from contrastive_tf.data.source import DataError, Source, from_arrays
 __all__ = [
     "DEBIAN_FASHION_MNIST_DIR", "EMBEDDED_PATH", "FASHION_MNIST_CLASSES", "IMAGE_EXTENSIONS",
     "SPLIT_FOLDERS", "DataError", "Source", "class_balanced_indices", "conform",
-    "from_arrays", "infer_channels", "list_folder", "load", "load_embedded",
-    "load_fashion_mnist", "load_folder", "load_images", "load_labelled", "match_classes", "load_tfds", "load_whole", "pipeline",
+    "from_arrays", "head", "infer_channels", "list_folder", "load", "load_embedded",
+    "load_fashion_mnist", "load_folder", "load_images", "load_labelled", "load_tfds",
+    "load_whole", "match_classes", "pipeline",
     "read_fashion_mnist_dir", "read_idx", "split_folders", "square_resize",
     "to_memory", "training_stream", "validation_split", "whole_split", "write_indices",
 ]

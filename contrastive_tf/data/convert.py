@@ -43,6 +43,17 @@ def to_memory(source: Source, image_size: int) -> Source:
         dataset=None)
 
 
+def head(source: Source, count: int, image_size: int) -> Source:
+    """The first `count` images of `source` in memory, at `image_size`; a
+    streaming source is read only that far (a kNN bank or query set of a
+    set too large to hold)."""
+    count = min(count, source.num_examples)
+    if source.images is not None:
+        return source.subset(np.arange(count))
+    return to_memory(dataclasses.replace(source, dataset=source.dataset.take(count),
+                                         num_examples=count), image_size)
+
+
 def conform(source: Source, image_size: int, channels: int) -> tuple[Source, str | None]:
     """Images brought to `image_size` x `image_size` x `channels`, as a
     model trained on such images needs them: resized (`square_resize`) and

@@ -93,7 +93,7 @@ def match_classes(source: Source, class_names: tuple[str, ...]) -> Source:
     class the model does not know is an error naming it."""
     if not source.labelled:
         raise DataError(f"{source.spec}: an evaluation set needs labels (class "
-                             "subfolders)")
+                        "subfolders)")
     if tuple(source.class_names) == tuple(class_names):
         return source
     unknown = sorted(set(source.class_names) - set(class_names))

@@ -1,7 +1,8 @@
 """One entry point from a dataset spec to a `Source` (`load`), what a job
 reads for a role (`whole_split`, `load_whole`), and the images a model
-needs, converted to its size and channels (`load_images`, `load_labelled`). Specs are listed in
-the package docstring (contrastive_tf/data/__init__.py)."""
+needs, converted to its size and channels (`load_images`, `load_labelled`).
+Specs are listed in the package docstring (contrastive_tf/data/__init__.py).
+"""
 
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ def load_images(spec: str, role: str, size: int, channels: int,
     """The images a job was given for `role`, whole, as a model of `size` x
     `size` x `channels` images needs them (converted, and said so)."""
     source = load_whole(spec, role, data_dir=data_dir, image_size=size,
-                             channels=channels)
+                        channels=channels)
     source, note = conform(source, size, channels)
     if note:
         log.info(note)
@@ -78,5 +79,5 @@ def load_labelled(spec: str, role: str, size: int, channels: int,
     source = load_images(spec, role, size, channels, data_dir)
     if not source.labelled:
         raise DataError(f"{spec}: needs labels (a folder with one subfolder per class, "
-                             "or a labelled dataset)")
+                        "or a labelled dataset)")
     return source

@@ -96,7 +96,6 @@ def probe_stage(model, pdata: PipelineData, config: PipelineConfig, pre,
     return bank, test_features
 
 
-
 def classifier_stage(method: str, make_parts, pdata: PipelineData, config: PipelineConfig,
                      pre, epochs: int, learning_rate: float, results: Results) -> list:
     """One classifier per labelled set of every draw, on the encoder and
@@ -120,8 +119,8 @@ def classifier_stage(method: str, make_parts, pdata: PipelineData, config: Pipel
                 min_steps=config.finetune_min_steps, seed=config.seed, policy=pre.precision)
             results.add(method, column, result.test_accuracy)
             log.info(f"   {column_name(column)}{f' (draw {draw})' if len(pdata.draws) > 1 else ''}"
-                 f": test {result.test_accuracy:.4f} (val {result.val_accuracy:.4f}, best "
-                 f"epoch {result.best_epoch}/{result.epochs_run})")
+                     f": test {result.test_accuracy:.4f} (val {result.val_accuracy:.4f}, best "
+                     f"epoch {result.best_epoch}/{result.epochs_run})")
             classifiers[column] = classifier
         trained.append(classifiers)
     return trained
@@ -286,7 +285,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
         "config": config.to_dict(), "wall_s": round(time.time() - started, 1),
         "timings": timings, "exports": paths, "pretrain_summary": summary}, title)
     log.info(f"done in {report['wall_s']} s; results.json, results.md and "
-         f"label_efficiency.png are in {out}")
+             f"label_efficiency.png are in {out}")
     return report
 
 

@@ -99,16 +99,16 @@ def prepare_data(config: PipelineConfig, pre, size: int, channels: int) -> Pipel
     out = config.output_dir
     if config.labelled_dataset:
         labelled = data.load_labelled(config.labelled_dataset, "train", size, channels,
-                                          pre.data_dir)
+                                      pre.data_dir)
         train, val, note = data.validation_split(labelled, config.val_fraction,
-                                                     config.seed)
+                                                 config.seed)
         test = data.match_classes(data.load_labelled(
             config.test_dataset, "test", size, channels, pre.data_dir),
             labelled.class_names)
         pool = data.load_images(pre.dataset, "train", size, channels, pre.data_dir)
         column = f"{labelled.num_examples} labels"
         log.info(f"data: {labelled.num_examples} labelled images ({labelled.num_classes} "
-             f"classes; {note}), {test.num_examples} test, {pool.num_examples} unlabelled")
+                 f"classes; {note}), {test.num_examples} test, {pool.num_examples} unlabelled")
         return PipelineData((column,), ({column: train},), val, test, pool, None,
                             labelled.class_names)
     draws = []
@@ -123,14 +123,14 @@ def prepare_data(config: PipelineConfig, pre, size: int, channels: int) -> Pipel
     pool = splits.pool
     if config.unlabelled_dataset:
         pool = data.load_images(config.unlabelled_dataset, "train", size, channels,
-                                    pre.data_dir)
+                                pre.data_dir)
     log.info(f"data: {splits.pool.num_examples} training images ({splits.full.num_classes} "
-         f"classes), {splits.val.num_examples} validation, {splits.test.num_examples} test; "
-         "labelled subsets " + ", ".join(f"{f:g}: {splits.subsets[f].num_examples}"
-                                         for f in config.fractions)
-         + (f" ({config.label_seeds} draws)" if config.label_seeds > 1 else "")
-         + (f"; unlabelled pool {pool.num_examples} images of {config.unlabelled_dataset}"
-            if config.unlabelled_dataset else ""))
+             f"classes), {splits.val.num_examples} validation, {splits.test.num_examples} test; "
+             "labelled subsets " + ", ".join(f"{f:g}: {splits.subsets[f].num_examples}"
+                                             for f in config.fractions)
+             + (f" ({config.label_seeds} draws)" if config.label_seeds > 1 else "")
+             + (f"; unlabelled pool {pool.num_examples} images of {config.unlabelled_dataset}"
+                if config.unlabelled_dataset else ""))
     return PipelineData(tuple(config.fractions), tuple(draws), splits.val, splits.test, pool,
                         splits.pool, splits.full.class_names)
 
@@ -154,7 +154,5 @@ class Results:
                 for method, columns in self.values.items()}
 
 
-
 def column_name(column) -> str:
     return f"{column:.0%} labels" if isinstance(column, float) else str(column)
-

@@ -70,8 +70,8 @@ def run_predict(config: PredictConfig, verbose: int = 1) -> dict:
     kind, model, class_names = artifacts.load_model(config.model)
     if config.embeddings and kind != "encoder":
         raise artifacts.ModelSourceError(f"`embeddings` needs an encoder (a pretraining "
-                                        f"run or encoder export); {config.model} is a "
-                                        "classifier")
+                                         f"run or encoder export); {config.model} is a "
+                                         "classifier")
     size, channels = int(model.input.shape[1]), int(model.input.shape[-1])
     source = data.load_images(config.dataset, "test", size, channels, config.data_dir)
     if source.skipped:

@@ -22,7 +22,7 @@ from contrastive_tf.jobs.config import PretrainConfig
 from contrastive_tf.jobs.models import build_simclr
 from contrastive_tf.method import evaluation, optim
 from contrastive_tf.runs import artifacts
-from contrastive_tf.runs.checkpoints import CheckpointAndGuard, check_resumable
+from contrastive_tf.runs.checkpoints import CheckpointAndGuard, ResumeError, check_resumable
 from contrastive_tf.runtime import distribution, precision, progress, seeds
 from contrastive_tf.runtime.files import write_json
 
@@ -85,7 +85,7 @@ def load_training_data(config: PretrainConfig):
                        image_size=config.image_size, channels=config.channels)
     config = dataclasses.replace(config, channels=source.image_shape[-1])
     query = None
-    if source.labelled and source.images is not None and query_split:
+    if source.labelled and query_split:
         query = data.load(config.dataset, query_split, config.data_dir,
                           image_size=config.image_size, channels=config.channels)
     return config, source, query
@@ -151,6 +151,24 @@ def build_and_restore(config: PretrainConfig, strategy, plan: Plan, run_dir: Run
     return model, manager
 
 
+def knn_sets(config: PretrainConfig, source: data.Source, query: data.Source):
+    """The kNN monitor's bank and queries, in memory: a class-balanced
+    `knn_bank_size` of the training images and the whole query split; from
+    a streaming source (a TFDS set), the first `knn_bank_size` images of
+    each, read once at the start (said so)."""
+    bank_size = min(config.knn_bank_size, source.num_examples)
+    if source.images is not None:
+        bank_index = data.class_balanced_indices(
+            source.labels, fraction=bank_size / source.num_examples, seed=config.seed)
+        return source.subset(bank_index), query
+    bank = data.head(source, bank_size, config.image_size)
+    query = data.head(query, bank_size, config.image_size)
+    log.info(f"kNN monitor: the first {bank.num_examples} training and {query.num_examples} "
+             f"{query.split} images of {source.spec} (a streaming set; `knn_bank_size` "
+             "sets both)")
+    return bank, query
+
+
 def make_callbacks(config: PretrainConfig, model, manager, plan: Plan, run_dir: RunDir,
                    source: data.Source, query: data.Source | None, extra: list | None):
     """The checkpoint guard, the kNN monitor (with a query set), the view
@@ -162,12 +180,10 @@ def make_callbacks(config: PretrainConfig, model, manager, plan: Plan, run_dir: 
     callbacks = [guard, *(extra or [])]
     knn = None
     if query is not None:
-        bank_size = min(config.knn_bank_size, source.num_examples)
-        bank_index = data.class_balanced_indices(
-            source.labels, fraction=bank_size / source.num_examples, seed=config.seed)
+        bank, query = knn_sets(config, source, query)
         knn = evaluation.KNNMonitor(
-            (source.images[bank_index], source.labels[bank_index]),
-            (query.images, query.labels), source.num_classes, plan.steps_per_epoch,
+            (bank.images, bank.labels), (query.images, query.labels), source.num_classes,
+            plan.steps_per_epoch,
             config.knn_every_epochs or None, config.knn_k, config.knn_temperature,
             writer=tf.summary.create_file_writer(os.path.join(log_dir, "knn")))
         # fit sets it too, but a finished run resumed at its last step never calls fit.
@@ -254,8 +270,10 @@ def _pretrain(config: PretrainConfig, record: dict, verbose: int,
               callbacks: list | None) -> dict:
     """The stages of `pretrain`, in the precision and seed it set."""
     started = time.time()
-    config, source, query = load_training_data(config)
+    # The strategy first: a multi-worker one configures TensorFlow's runtime,
+    # which must not have started (loading data starts it).
     strategy = distribution.make_strategy(config.strategy)
+    config, source, query = load_training_data(config)
     distribution.check_batch_size(config.batch_size, strategy, config.strategy)
     run_dir = prepare_run_dir(config, strategy, record)
     plan = plan_run(config, source.num_examples, source.spec)

@@ -122,15 +122,15 @@ class SimCLRAugmenter(keras.layers.Layer):
             raise ValueError("Expected color_strength >= 0. Received: "
                              f"color_strength={color_strength}")
         self.jitter_probability = check_probability(jitter_probability,
-                                               "jitter_probability")
+                                                    "jitter_probability")
         self.grayscale_probability = check_probability(grayscale_probability,
-                                                  "grayscale_probability")
+                                                       "grayscale_probability")
         self.blur = bool(blur)
         self.blur_probability = check_probability(blur_probability,
-                                             "blur_probability")
+                                                  "blur_probability")
         self.blur_sigma = check_range(blur_sigma, "blur_sigma", 1e-6, None)
         self.solarize_probability = check_probability(solarize_probability,
-                                                 "solarize_probability")
+                                                      "solarize_probability")
         self.seed = seed
         # Kernel of about 10% of the side, odd, as in the reference.
         self.blur_radius = max(1, min(self.image_size) // 10 // 2)

@@ -197,7 +197,7 @@ def export_encoder(encoder: keras.Model, export_root: str, model_name: str, *,
     """
     size, channels = int(encoder.input.shape[1]), int(encoder.input.shape[-1])
     servable = Servable(encoder, projection_head, None, size, channels, None,
-                         max_image_pixels, _encoder_and_head(encoder, projection_head))
+                        max_image_pixels, _encoder_and_head(encoder, projection_head))
     card = dict(card or {}, kind="encoder", encoder=encoder.name,
                 encoder_config=_encoder_summary(encoder),
                 projection_head=(projection_head.get_config()
@@ -217,7 +217,7 @@ def export_classifier(classifier: keras.Model, export_root: str, model_name: str
     if class_names is not None and len(class_names) != num_classes:
         raise ExportError(f"{len(class_names)} class names for {num_classes} outputs")
     servable = Servable(None, None, classifier, size, channels, class_names,
-                         max_image_pixels, classifier)
+                        max_image_pixels, classifier)
     card = dict(card or {}, kind="classifier", classifier=classifier.name,
                 num_classes=num_classes, class_names=list(class_names or []))
     return _write(servable, export_root, model_name, version, overwrite, card)
@@ -261,8 +261,8 @@ def load_for_finetuning(path: str, output: str = "finetune_features",
         trainable: whether the loaded variables train.
     """
     layer = _ExportedFeatures(path, call_endpoint="features",
-                                   call_training_endpoint="features_training",
-                                   trainable=trainable)
+                              call_training_endpoint="features_training",
+                              trainable=trainable)
     card = read_card(path)
     size, channels = card["input"]["image_size"], card["input"]["channels"]
     inputs = keras.Input((size, size, channels), name="images")

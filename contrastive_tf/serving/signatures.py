@@ -133,7 +133,7 @@ class Servable:
     def _preprocess(self, images):
         shape = tf.shape(images)
         with tf.control_dependencies([check_pixels(shape[1], shape[2],
-                                                    self.max_image_pixels)]):
+                                                   self.max_image_pixels)]):
             images = tf.identity(images)
         images = tf.clip_by_value(tf.cast(images, tf.float32), 0.0, 1.0)
         return augment.center_crop_and_resize(
@@ -155,7 +155,7 @@ class Servable:
             height, width = encoded_image_size(data)
             readable = tf.logical_and(height > 0, width > 0)
             with tf.control_dependencies([check_pixels(height, width,
-                                                        self.max_image_pixels)]):
+                                                       self.max_image_pixels)]):
                 data = tf.identity(data)
             image = tf.cond(readable, lambda: decode(data), lambda: tf.zeros(shape))
             return image, readable

@@ -298,3 +298,45 @@ def test_label_fraction_errors():
         data.class_balanced_indices([0, 1], 0.5, 1)
     with pytest.raises(ValueError, match="fewer than per_class"):
         data.class_balanced_indices([0, 0, 1], per_class=2)
+
+
+def test_images_beside_class_subfolders_are_refused_by_name(tmp_path):
+    # Five photos and a thumbnails/ folder were read as one class of one
+    # image; now the mix is refused, naming both.
+    _write_images(tmp_path / "photos", 5)
+    _write_images(tmp_path / "photos" / "thumbnails", 1)
+    with pytest.raises(data.DataError, match=r"5 image\(s\) at its top \(img0.png, img1.png, "
+                                             r"img2.png and 2 more\) beside the subfolder\(s\) "
+                                             r"thumbnails/"):
+        data.load(f"folder:{tmp_path / 'photos'}", "all", image_size=8)
+
+
+def test_webp_and_tiff_decode_and_other_files_are_named(tmp_path, caplog):
+    for fmt in ("WEBP", "TIFF"):
+        _write_images(tmp_path, 1, fmt=fmt, seed=len(fmt))
+    (tmp_path / "notes.txt").write_text("not an image")
+    with caplog.at_level("INFO", logger="contrastive_tf.data"):
+        source = data.load(f"folder:{tmp_path}", "all", image_size=8)
+    assert source.num_examples == 2 and not source.skipped
+    assert sorted(os.path.basename(p) for p in source.paths) == ["img0.tiff", "img0.webp"]
+    assert "left out 1 file(s) that are not images by their name (notes.txt)" in caplog.text
+
+
+@pytest.mark.parametrize("orientation, bright", [(1, "top"), (6, "right"), (8, "left"),
+                                                 (3, "bottom")])
+def test_exif_orientation_is_applied(tmp_path, orientation, bright):
+    # A 16x16 JPEG stored with its top half white; the EXIF orientation tag
+    # says how a viewer turns it upright (6: 90 degrees clockwise, 8: 90
+    # counter-clockwise, 3: 180), and the loader must turn it the same way.
+    array = np.zeros((16, 16), np.uint8)
+    array[:8] = 255
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(array, "L").save(tmp_path / "photo.jpg", "JPEG", exif=exif.tobytes(),
+                                     quality=95)
+    image = data.load(f"folder:{tmp_path}", "all", image_size=16).images[0, ..., 0]
+    halves = {"top": image[:8].mean() - image[8:].mean(),
+              "bottom": image[8:].mean() - image[:8].mean(),
+              "left": image[:, :8].mean() - image[:, 8:].mean(),
+              "right": image[:, 8:].mean() - image[:, :8].mean()}
+    assert halves[bright] > 200, halves

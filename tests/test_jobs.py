@@ -275,3 +275,13 @@ def test_predict_lists_unreadable_files_and_bad_sources_stop_with_one_line(tmp_p
         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_distill_config_refuses_a_width_without_a_depth():
+    from contrastive_tf.jobs.config import DistillConfig
+    given = dict(teacher="t", dataset="folder:x", output_dir="o")
+    with pytest.raises(ValueError, match="student_base_width sizes a student of student_depth"):
+        DistillConfig(**given, student_base_width=16)
+    with pytest.raises(ValueError, match="weight_decay must be >= 0"):
+        DistillConfig(**given, weight_decay=-1.0)
+    assert DistillConfig(**given, student_depth=18, student_base_width=16).weight_decay == 1e-4

@@ -11,12 +11,13 @@ import os
 from typing import Sequence
 
 import numpy as np
+from PIL import Image, ImageOps
 
 from contrastive_tf.runtime import progress
 from contrastive_tf.data.source import DataError, Source, from_arrays
 
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 log = progress.logger("data")
 
@@ -24,10 +25,11 @@ log = progress.logger("data")
 def _decode_file(path: str, size: int, channels: int) -> tuple[np.ndarray, tuple]:
     """The image at `size` x `size` x `channels`, and its own
     (width, height, channels) as stored."""
-    from PIL import Image, ImageOps
-
     with Image.open(path) as image:
         image.load()
+        # Phones store photos as the sensor reads them, with an EXIF tag
+        # saying how to turn them upright: applied, as image viewers do.
+        image = ImageOps.exif_transpose(image)
         if image.width == 0 or image.height == 0:
             raise OSError("zero-size image")
         stored = (image.width, image.height, 1 if image.mode in _GRAY_MODES else 3)
@@ -91,8 +93,6 @@ def split_folders(path: str) -> dict[str, str]:
 
 def infer_channels(files: Sequence[str]) -> int:
     """1 if every readable image is grayscale (by its mode), else 3."""
-    from PIL import Image
-
     for file in files:
         try:
             with Image.open(file) as image:
@@ -108,7 +108,8 @@ def load_folder(path: str, image_size: int, channels: int = 0,
                 strict: bool = False) -> Source:
     """Your own images: class subfolders (labelled) or a flat folder.
 
-    Every image is decoded once (JPEG/PNG/BMP/GIF; gray, RGB, RGBA, palette,
+    Every image is decoded once (JPEG/PNG/BMP/GIF/WebP/TIFF, upright by
+    its EXIF orientation; gray, RGB, RGBA, palette,
     16-bit), centre-cropped to a square, resized to `image_size` and kept in
     memory as uint8. Files that cannot be decoded are skipped and named in a
     warning, or raise with `strict=True`.
@@ -167,11 +168,22 @@ def list_folder(path: str) -> tuple[tuple, list, list | None]:
     None)."""
     subdirs = [e for e in sorted(os.listdir(path)) if os.path.isdir(os.path.join(path, e))
                and not e.startswith(".")]
+    ignored = []
 
     def images_in(directory):
-        return sorted(os.path.join(directory, f) for f in os.listdir(directory)
-                      if f.lower().endswith(IMAGE_EXTENSIONS))
+        names = [f for f in sorted(os.listdir(directory)) if not f.startswith(".")
+                 and os.path.isfile(os.path.join(directory, f))]
+        ignored.extend(os.path.join(directory, f) for f in names
+                       if not f.lower().endswith(IMAGE_EXTENSIONS))
+        return [os.path.join(directory, f) for f in names
+                if f.lower().endswith(IMAGE_EXTENSIONS)]
 
+    top = images_in(path)
+    if subdirs and top:
+        raise DataError(
+            f"folder:{path}: has {len(top)} image(s) at its top ({_few(top)}) beside the "
+            f"subfolder(s) {', '.join(s + '/' for s in subdirs[:5])}: give a folder of class "
+            "subfolders only (images inside them), or a flat folder of images only")
     class_names, files, labels = tuple(subdirs), [], []
     for index, name in enumerate(class_names):
         found = images_in(os.path.join(path, name))
@@ -181,11 +193,19 @@ def list_folder(path: str) -> tuple[tuple, list, list | None]:
         files += found
         labels += [index] * len(found)
     if not class_names:
-        files, labels = images_in(path), None
+        files, labels = top, None
     if not files:
         raise DataError(f"folder:{path}: no images "
                         f"({', '.join(IMAGE_EXTENSIONS)}) found")
+    if ignored:
+        log.info(f"folder:{path}: left out {len(ignored)} file(s) that are not images by "
+                 f"their name ({_few(ignored)}); images end in {', '.join(IMAGE_EXTENSIONS)}")
     return class_names, files, labels
+
+
+def _few(paths: list, count: int = 3) -> str:
+    names = [os.path.basename(p) for p in paths[:count]]
+    return ", ".join(names) + (f" and {len(paths) - count} more" if len(paths) > count else "")
 
 
 def _decode_all(path: str, files: list, image_size: int, channels: int, strict: bool):

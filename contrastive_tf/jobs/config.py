@@ -269,6 +269,7 @@ class DistillConfig(_Config):
     epochs: int = _field(6, 'Epochs over the images.')
     batch_size: int = _field(256, 'Batch size.')
     learning_rate: float = _field(0.05, 'Peak learning rate (SGD with momentum).')
+    weight_decay: float = _field(1e-4, "Decoupled weight decay of the student (biases and batch norm excluded).")
     crop_min_area: float = _field(0.3, 'Smallest random-crop area of the views.')
     precision: str = _field("auto", 'Precision of a freshly built student (auto: bf16 where native, else float32).', choices=PRECISIONS)
     seed: int = _field(0, 'Random seed.')
@@ -286,6 +287,9 @@ class DistillConfig(_Config):
              f"student_depth must be 0 (the teacher's) or one of {SUPPORTED_DEPTHS}"),
             (not (self.student_encoder and self.student_depth),
              "give student_encoder or student_depth, not both"),
+            (not self.student_base_width or self.student_depth,
+             "student_base_width sizes a student of student_depth: give both"),
+            (self.weight_decay >= 0, "weight_decay must be >= 0"),
         ]
 
 @dataclasses.dataclass(frozen=True)

@@ -31,7 +31,8 @@ log = progress.logger("distill")
 def distill(teacher: keras.Model, student: keras.Model, pool: data.Source, *,
             labelled: data.Source | None = None, label_weight: float = 0.0,
             epochs: int = 6, batch_size: int = 256, learning_rate: float = 0.05,
-            temperature: float = 1.0, crop_min_area: float = 0.3, policy: str = "float32",
+            temperature: float = 1.0, crop_min_area: float = 0.3, weight_decay: float = 1e-4,
+            policy: str = "float32",
             seed: int = 0, callbacks: list | None = None, verbose: int = 2) -> keras.Model:
     """Trains `student` (in place) to match `teacher` on `pool`'s images,
     without their labels (SimCLRv2): SGD with momentum, one epoch of warmup
@@ -46,7 +47,7 @@ def distill(teacher: keras.Model, student: keras.Model, pool: data.Source, *,
     batch_size = min(batch_size, pool.num_examples)
     steps = max(pool.num_examples // batch_size, 1)
     optimizer = optim.make_optimizer(
-        "sgd", optim.WarmupCosine(learning_rate, steps, steps * epochs), 1e-4)
+        "sgd", optim.WarmupCosine(learning_rate, steps, steps * epochs), weight_decay)
     optim.exclude_from_decay(optimizer, student.trainable_variables)
     distiller.compile(optimizer=precision.loss_scaled(optimizer, policy))
     unlabelled = dataclasses.replace(pool, labels=None)
@@ -114,7 +115,8 @@ def run_distill(config: DistillConfig, verbose: int = 1) -> dict:
         distill(teacher, student, pool, labelled=labelled, label_weight=config.label_weight,
                 epochs=config.epochs, batch_size=config.batch_size,
                 learning_rate=config.learning_rate, temperature=config.temperature,
-                crop_min_area=config.crop_min_area, policy=policy, seed=config.seed,
+                crop_min_area=config.crop_min_area, weight_decay=config.weight_decay,
+                policy=policy, seed=config.seed,
                 verbose=2 if verbose else 0)
     artifacts.save_classifier(student, class_names, config.output_dir)
     summary = {"job": "distill", "teacher": config.teacher, "dataset": config.dataset,

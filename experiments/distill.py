@@ -14,10 +14,11 @@ classifier.keras, class_names.json and summary.json into --output_dir.
 from absl import app
 
 from contrastive_tf.jobs.config import DistillConfig
+from contrastive_tf.jobs.distill import run_distill
 from experiments import jobs
 
 jobs.define_flags(DistillConfig)
-main = jobs.job_main(DistillConfig, "contrastive_tf.jobs.distill:run_distill")
+main = jobs.job_main(DistillConfig, run_distill)
 
 if __name__ == "__main__":
     app.run(main)

@@ -12,10 +12,11 @@ classifier.keras, class_names.json and summary.json into --output_dir.
 from absl import app
 
 from contrastive_tf.jobs.config import FinetuneConfig
+from contrastive_tf.jobs.finetune import run_finetune
 from experiments import jobs
 
 jobs.define_flags(FinetuneConfig)
-main = jobs.job_main(FinetuneConfig, "contrastive_tf.jobs.finetune:run_finetune")
+main = jobs.job_main(FinetuneConfig, run_finetune)
 
 if __name__ == "__main__":
     app.run(main)

@@ -9,7 +9,6 @@ traceback.
 
 import dataclasses
 import functools
-import importlib
 import re
 import sys
 import types
@@ -138,13 +137,12 @@ def quiet_absl_show_progress() -> None:
     progress.show(rewrite=as_flags)
 
 
-def job_main(config_cls, run: str):
+def job_main(config_cls, run):
     """The absl `main` of a job: the config from the flags, then
-    `run(config)` ("module:function", imported once the flags are valid)."""
+    `run(config)`."""
     @reports_known_errors
     def main(argv):
         config = config_from_flags(config_cls, argv)
         quiet_absl_show_progress()
-        module, function = run.split(":")
-        getattr(importlib.import_module(module), function)(config)
+        run(config)
     return main

@@ -18,6 +18,7 @@ from experiments import jobs
 from experiments import pretrain  # noqa: F401  (defines the pretraining flags)
 
 from contrastive_tf.jobs.config import PipelineConfig, PretrainConfig
+from contrastive_tf.jobs.pipeline import run_pipeline
 
 jobs.define_flags(PipelineConfig, shared=("seed",))  # one --seed for all stages
 
@@ -36,7 +37,6 @@ def config_from_flags(argv=None) -> PipelineConfig:
 def main(argv):
     config = config_from_flags(argv)
     jobs.quiet_absl_show_progress()
-    from contrastive_tf.jobs.pipeline import run_pipeline
     run_pipeline(config)
 
 

@@ -12,10 +12,11 @@ unreadable files are listed with their error.
 from absl import app
 
 from contrastive_tf.jobs.config import PredictConfig
+from contrastive_tf.jobs.predict import run_predict
 from experiments import jobs
 
 jobs.define_flags(PredictConfig)
-main = jobs.job_main(PredictConfig, "contrastive_tf.jobs.predict:run_predict")
+main = jobs.job_main(PredictConfig, run_predict)
 
 if __name__ == "__main__":
     app.run(main)

@@ -14,9 +14,10 @@ from absl import app
 from experiments import jobs
 
 from contrastive_tf.jobs.config import PretrainConfig
+from contrastive_tf.jobs.pretrain import pretrain
 
 jobs.define_flags(PretrainConfig)
-main = jobs.job_main(PretrainConfig, "contrastive_tf.jobs.pretrain:pretrain")
+main = jobs.job_main(PretrainConfig, pretrain)
 
 
 if __name__ == "__main__":

@@ -291,6 +291,16 @@ def test_grayscale_images_are_jittered_but_keep_one_channel():
     assert abs(changed.mean() - 0.8) < 0.04
 
 
+def test_one_channel_images_pass_grayscale_unchanged_and_floats_are_clipped():
+    gray = np.random.RandomState(1).rand(2, 4, 4, 1).astype(np.float32)
+    np.testing.assert_array_equal(color.grayscale(tf.constant(gray)).numpy(), gray)
+    floats = np.array([[-0.5, 0.25], [1.0, 1.75]], np.float32)
+    np.testing.assert_array_equal(color.to_float_images(floats).numpy(),
+                                  [[0.0, 0.25], [1.0, 1.0]])
+    np.testing.assert_allclose(color.to_float_images(np.array([0, 51, 255], np.uint8)),
+                               [0.0, 0.2, 1.0])
+
+
 def test_grayscale_matches_luma_formula():
     images = _colourful(3)
     expected = images @ np.array([0.2989, 0.5870, 0.1140], np.float32)

@@ -9,6 +9,7 @@ import tensorflow as tf
 from PIL import Image
 
 from contrastive_tf import data
+from contrastive_tf.data import builtin
 
 # sha256 of the embedded arrays (images, then int32 labels), as written by
 # `python -m experiments.build_embedded_data` from Debian's dataset-fashion-mnist.
@@ -77,7 +78,7 @@ def test_read_idx_rejects_truncated_file(tmp_path):
 
 
 def test_fashion_mnist_missing_everywhere_says_how_to_fix(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST_DIR", str(tmp_path / "none"))
+    monkeypatch.setattr(builtin, "DEBIAN_FASHION_MNIST_DIR", str(tmp_path / "none"))
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
     with pytest.raises(data.DataError, match="dataset-fashion-mnist"):
@@ -340,3 +341,73 @@ def test_exif_orientation_is_applied(tmp_path, orientation, bright):
               "left": image[:, :8].mean() - image[:, 8:].mean(),
               "right": image[:, 8:].mean() - image[:, :8].mean()}
     assert halves[bright] > 200, halves
+
+
+def _banded(shape, centre, bands):
+    """Images of `shape` (h, w): the central square `centre` colours, the
+    rest `bands` colours (one row of each per image)."""
+    height, width = shape
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    images = np.empty((len(centre), height, width, 3), np.uint8)
+    images[:] = np.asarray(bands, np.uint8)[:, None, None]
+    images[:, top:top + side, left:left + side] = np.asarray(centre, np.uint8)[:, None, None]
+    return images
+
+
+def test_tall_images_keep_their_central_square_and_black_stays_black():
+    # Taller than wide: the square is cut from the middle of the height.
+    # Luma 0 must stay 0 and 255 stay 255 (no clipping range shifted).
+    centre = [[0, 0, 0], [255, 255, 255], [255, 0, 0]]
+    bands = [[255, 255, 255], [0, 0, 0], [0, 255, 0]]
+    tall = data.from_arrays(_banded((33, 18), centre, bands), [0, 1, 0])
+    gray, note = data.conform(tall, 6, 1)
+    assert note == ("arrays (train): converted 3 images from 33x18x3 to 6x6x1, as the "
+                    "model was trained")
+    luma = np.round(np.asarray(centre, np.float64) @ [0.299, 0.587, 0.114])
+    np.testing.assert_array_equal(gray.images[..., 0], np.broadcast_to(
+        luma[:, None, None], (3, 6, 6)))
+    assert luma.tolist() == [0, 255, 76]
+
+
+def test_sharp_edges_resize_within_the_uint8_range():
+    # Bicubic overshoots at a 0 | 255 edge; the result is clipped, never
+    # wrapped around (255.6 must not become 0).
+    image = np.zeros((40, 40, 1), np.uint8)
+    image[:, 20:] = 255
+    resized = data.square_resize(image, 17).numpy()[..., 0].astype(int)
+    assert resized[:, 9:].min() >= 250 and resized[:, :8].max() <= 5
+
+
+def test_streaming_sources_are_read_into_memory_at_the_model_size():
+    # A streaming source (as TFDS gives) of images of two sizes: each
+    # image's central square, resized; labels and class names kept, in order.
+    images = [_banded((20, 30), [[10, 20, 30]], [[200, 0, 0]])[0],
+              _banded((30, 20), [[90, 80, 70]], [[0, 0, 200]])[0]]
+    dataset = tf.data.Dataset.from_generator(
+        lambda: iter(zip(images, [1, 0])), output_signature=(
+            tf.TensorSpec([None, None, 3], tf.uint8), tf.TensorSpec([], tf.int32)))
+    source = data.Source(spec="tfds:x", split="train", num_examples=2,
+                         class_names=("a", "b"), dataset=dataset)
+    converted, note = data.conform(source, 5, 3)
+    assert converted.images.shape == (2, 5, 5, 3) and converted.dataset is None
+    np.testing.assert_array_equal(converted.images[0], np.full((5, 5, 3), [10, 20, 30]))
+    np.testing.assert_array_equal(converted.images[1], np.full((5, 5, 3), [90, 80, 70]))
+    assert converted.labels.tolist() == [1, 0] and converted.class_names == ("a", "b")
+    assert note is None
+    first = data.head(source, 1, 5)
+    assert first.num_examples == 1 and first.labels.tolist() == [1]
+
+
+def test_a_folder_says_what_reading_it_changed(tmp_path):
+    os.makedirs(tmp_path / "a")
+    Image.fromarray(np.zeros((12, 20, 3), np.uint8), "RGB").save(tmp_path / "a" / "wide.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8), "L").save(tmp_path / "a" / "small.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8), "L").save(tmp_path / "a" / "same.png")
+    source = data.load(f"folder:{tmp_path}", "all", image_size=8, channels=1)
+    _, note = data.conform(source, 8, 1)
+    assert note == (f"folder:{tmp_path}: converted 3 images as the model was trained "
+                    "(sizes 20x12 -> 8x8 (central square); RGB -> grayscale)")
+    os.remove(tmp_path / "a" / "wide.png")
+    as_stored = data.load(f"folder:{tmp_path}", "all", image_size=8, channels=1)
+    assert data.conform(as_stored, 8, 1)[1] is None  # nothing to say

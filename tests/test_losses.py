@@ -60,6 +60,8 @@ def test_default_temperature_is_the_imagenet_recipes():
     z1, z2 = rng.normal(size=(6, 4)), rng.normal(size=(6, 4))
     expected_loss, _ = numpy_nt_xent(z1, z2, 0.1)
     assert float(ct.nt_xent(z1, z2)) == pytest.approx(expected_loss, rel=1e-5)
+    loss, _ = ct.nt_xent_with_accuracy(z1, z2)
+    assert float(loss) == pytest.approx(expected_loss, rel=1e-5)
 
 
 def test_contrastive_accuracy_across_replicas_matches_numpy(mirrored):

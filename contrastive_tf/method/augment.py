@@ -107,7 +107,7 @@ class SimCLRAugmenter(keras.layers.Layer):
                  blur_sigma: Sequence[float] = (0.1, 2.0),
                  solarize_probability: float = 0.0,
                  seed: int | None = None,
-                 **kwargs):
+                 **kwargs):  # pragma: no mutate block (Keras reads this signature)
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         self.image_size = check_pair(image_size, "image_size")

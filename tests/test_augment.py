@@ -449,3 +449,34 @@ def test_replicas_draw_different_views(mirrored):
     views = strategy.experimental_local_results(
         strategy.run(tf.function(lambda x: augmenter(x)), (batch,)))
     assert float(tf.reduce_max(tf.abs(views[0] - views[1]))) > 1e-2
+
+
+@pytest.mark.parametrize("strength", [0.5, 1.0, 1.5])
+def test_decisions_follow_the_spec_distributions(strength):
+    # The spec's numbers, drawn for 20,000 images: jitter with p 0.8,
+    # brightness / contrast / saturation factors U(max(0, 1 - 0.8s), 1 + 0.8s),
+    # hue shifts U(-0.2s, 0.2s), blur with p 0.5 and sigma U(0.1, 2.0), a random
+    # order of the 4 colour ops (2 for grayscale). Ranges must be reached at
+    # both ends, not only respected.
+    n = 20000
+    augmenter = SimCLRAugmenter(SIZE, color_strength=strength, blur=True, seed=4)
+    rgb = {k: v.numpy() for k, v in augmenter._draw_decisions(n, 3).items()}
+    low, high = max(0.0, 1 - 0.8 * strength), 1 + 0.8 * strength
+    factors = rgb["factors"]
+    assert factors.shape == (3, n)
+    assert low <= factors.min() < low + 0.01 and high - 0.01 < factors.max() <= high
+    np.testing.assert_allclose(factors.mean(axis=1), (low + high) / 2, atol=0.02)
+    hue = rgb["hue_shifts"]
+    assert -0.2 * strength <= hue.min() < -0.2 * strength + 0.005
+    assert 0.2 * strength - 0.005 < hue.max() <= 0.2 * strength
+    assert 0.1 <= rgb["sigma"].min() < 0.11 and 1.99 < rgb["sigma"].max() <= 2.0
+    for name, p in (("jitter", 0.8), ("grayscale", 0.2), ("blur", 0.5), ("solarize", 0.0)):
+        assert abs(rgb[name].mean() - p) < 0.015, name
+    np.testing.assert_array_equal(np.sort(rgb["order"], axis=1),
+                                  np.broadcast_to(np.arange(4), (n, 4)))
+    # Each op comes first in about a quarter of the images.
+    np.testing.assert_allclose(np.bincount(rgb["order"][:, 0], minlength=4) / n, 0.25,
+                               atol=0.015)
+    gray = augmenter._draw_decisions(100, 1)["order"].numpy()
+    np.testing.assert_array_equal(np.sort(gray, axis=1), np.broadcast_to(np.arange(2),
+                                                                          (100, 2)))

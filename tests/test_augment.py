@@ -478,5 +478,5 @@ def test_decisions_follow_the_spec_distributions(strength):
     np.testing.assert_allclose(np.bincount(rgb["order"][:, 0], minlength=4) / n, 0.25,
                                atol=0.015)
     gray = augmenter._draw_decisions(100, 1)["order"].numpy()
-    np.testing.assert_array_equal(np.sort(gray, axis=1), np.broadcast_to(np.arange(2),
-                                                                          (100, 2)))
+    np.testing.assert_array_equal(np.sort(gray, axis=1),
+                                  np.broadcast_to(np.arange(2), (100, 2)))

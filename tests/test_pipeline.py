@@ -179,7 +179,7 @@ def test_finetuning_and_distillation_under_mixed_float16():
                             distill_learning_rate=0.05)
     record = _RecordTraining()
     student = pipeline.distill_student(config, pre, teacher, _separable(96, 3),
-                                              epochs=6, callbacks=[record])
+                                       epochs=6, callbacks=[record])
     assert isinstance(record.optimizer, keras.optimizers.LossScaleOptimizer)
     assert student.get_layer("logits").dtype_policy.name == "float32"
     assert pipeline.precision.precision_of(student) == "mixed_float16"

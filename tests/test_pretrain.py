@@ -193,7 +193,7 @@ def test_non_finite_loss_stops_without_overwriting_the_checkpoint(tmp_path):
     manager = tf.train.CheckpointManager(checkpoint, str(tmp_path), max_to_keep=3)
     manager.save(checkpoint_number=0)
     guard = checkpoints.CheckpointAndGuard(manager, every_steps=1, total_steps=10,
-                                        schedule=optim.WarmupCosine(1.0, 0, 10))
+                                           schedule=optim.WarmupCosine(1.0, 0, 10))
     guard.set_model(model)
     model.optimizer.iterations.assign(1)
     with pytest.raises(checkpoints.NonFiniteLossError, match="at step 1"):

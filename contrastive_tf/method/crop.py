@@ -91,7 +91,8 @@ class RandomResizedCrop(keras_cv.layers.VectorizedBaseImageAugmentationLayer):
     MAX_CROP_ATTEMPTS = 10
 
     def __init__(self, target_size, crop_area=(0.08, 1.0),
-                 aspect_ratio=(3 / 4, 4 / 3), flip=True, seed=None, **kwargs):  # pragma: no mutate block
+                 aspect_ratio=(3 / 4, 4 / 3), flip=True, seed=None,
+                 **kwargs):  # pragma: no mutate block (Keras reads this signature)
         kwargs.setdefault("dtype", "float32")
         # The base class makes a tf.random.Generator this layer never uses;
         # a seed keeps it off the global generator, which op determinism

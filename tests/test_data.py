@@ -1,6 +1,8 @@
 import hashlib
 import json
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -10,6 +12,8 @@ from PIL import Image
 
 from contrastive_tf import data
 from contrastive_tf.data import builtin
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # sha256 of the embedded arrays (images, then int32 labels), as written by
 # `python -m experiments.build_embedded_data` from Debian's dataset-fashion-mnist.
@@ -47,12 +51,9 @@ def test_embedded_set_checksum():
 
 @NEEDS_DEBIAN_SET
 def test_embedded_set_rebuilds_byte_for_byte(tmp_path):
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "rebuilt.npz"
     subprocess.run([sys.executable, "-m", "experiments.build_embedded_data",
-                    f"--output={out}"], cwd=root, check=True, capture_output=True)
+                    f"--output={out}"], cwd=ROOT, check=True, capture_output=True)
     with np.load(out) as rebuilt, np.load(data.EMBEDDED_PATH) as shipped:
         for key in shipped.files:
             np.testing.assert_array_equal(rebuilt[key], shipped[key])
@@ -411,3 +412,25 @@ def test_a_folder_says_what_reading_it_changed(tmp_path):
     os.remove(tmp_path / "a" / "wide.png")
     as_stored = data.load(f"folder:{tmp_path}", "all", image_size=8, channels=1)
     assert data.conform(as_stored, 8, 1)[1] is None  # nothing to say
+
+
+def test_photo_folder_generator_writes_mixed_photos_reproducibly(tmp_path):
+    def run(folder, count):
+        result = subprocess.run(
+            [sys.executable, "-m", "experiments.make_photo_folder", f"--output={folder}",
+             f"--count={count}", "--side=80", "--seed=3"], cwd=ROOT, capture_output=True,
+            text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stdout
+
+    run(tmp_path / "a", 3)
+    assert "4 photos (1 written now, 3 were there)" in run(tmp_path / "a", 4)  # completes a folder
+    run(tmp_path / "b", 4)
+    files = sorted(os.listdir(tmp_path / "a"))
+    assert files == [f"photo_{i:07d}.jpg" for i in range(4)] == sorted(os.listdir(tmp_path / "b"))
+    for name in files:  # the same seed writes the same photos
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    sizes = [Image.open(tmp_path / "a" / name).size for name in files]
+    assert all(64 <= max(s) <= 96 for s in sizes) and len(set(sizes)) > 1
+    source = data.load(f"folder:{tmp_path / 'a'}", "all", image_size=16)
+    assert source.num_examples == 4 and source.images.shape == (4, 16, 16, 3)

@@ -6,7 +6,7 @@ look like to the input pipeline, at any count.
 
 Each image is a smooth random colour field with a few soft-edged shapes
 (so it compresses and decodes like a photo, not like noise or a flat
-card), about --side pixels on its longer side (+-20%), in landscape,
+card), about --side pixels on its longer side (within a fifth of it), in landscape,
 portrait or square aspect (4:3, 3:4, 3:2, 1:1), saved as JPEG at quality 90.
 The same --seed writes the same files; files are named photo_<n>.jpg and
 written atomically, so a folder interrupted midway can be completed by
@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw, ImageFilter
 FLAGS = flags.FLAGS
 flags.DEFINE_string("output", None, "Folder to write (created; existing photos are kept).")
 flags.DEFINE_integer("count", 2000, "Number of photos.")
-flags.DEFINE_integer("side", 500, "Typical longer side in pixels (each photo varies +-20%).")
+flags.DEFINE_integer("side", 500, "Typical longer side in pixels (each photo varies by up to a fifth).")
 flags.DEFINE_integer("seed", 0, "Random seed: the same seed writes the same photos.")
 
 ASPECTS = ((4, 3), (3, 4), (3, 2), (1, 1))

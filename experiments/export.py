@@ -16,6 +16,7 @@ from absl import app, flags, logging
 from experiments.jobs import reports_known_errors
 
 from contrastive_tf.runs import artifacts
+from contrastive_tf.runtime import precision
 from contrastive_tf.serving import export
 from contrastive_tf.serving.signatures import DEFAULT_MAX_IMAGE_PIXELS
 
@@ -30,6 +31,11 @@ flags.DEFINE_bool("with_projection", True, "Encoders: include the projection hea
 flags.DEFINE_integer("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS,
                      "Largest height x width a serving request may send (checked from the "
                      "image header before decoding).")
+flags.DEFINE_enum("precision", "auto", list(precision.PRECISIONS),
+                  "Compute precision of the exported graph, whatever the model was trained in. "
+                  "auto: float32, since the serving machine is not this one (bf16 is emulated, "
+                  "and slow, on CPUs without avx512_bf16 / amx); mixed_bfloat16 or "
+                  "mixed_float16 for servers known to run it natively.")
 flags.mark_flags_as_required(["model_dir", "export_root", "model_name"])
 
 
@@ -41,14 +47,20 @@ def main(argv):
         raise app.UsageError(f"--max_image_pixels must be >= 1, got {FLAGS.max_image_pixels}")
     logging.set_verbosity(logging.WARNING)
     run = FLAGS.model_dir
+    policy = "float32" if FLAGS.precision == "auto" else FLAGS.precision
+    print(f"[export] computing in {policy}" + (" (auto: the serving machine is not this one)"
+                                               if FLAGS.precision == "auto" else ""), flush=True)
     card = {"source_run": os.path.abspath(run),
             "training_config": artifacts.read_optional_json(run, artifacts.CONFIG),
-            "metrics": (artifacts.read_optional_json(run, artifacts.SUMMARY) or {}).get("metrics")}
+            "metrics": (artifacts.read_optional_json(run, artifacts.SUMMARY) or {}).get("metrics"),
+            "precision": policy}
     if FLAGS.kind == "encoder":
         if not artifacts.is_pretraining_run(run):
             raise app.UsageError(f"{run} has no {artifacts.SIMCLR_MODEL}: is it a pretraining "
                                  "run?")
         model = artifacts.load_simclr(run)
+        precision.recast(model.encoder, policy)
+        precision.recast(model.projection_head, policy)
         target = export.export_encoder(
             model.encoder, FLAGS.export_root, FLAGS.model_name,
             projection_head=model.projection_head if FLAGS.with_projection else None,
@@ -59,6 +71,7 @@ def main(argv):
             raise app.UsageError(f"{run} has no {artifacts.CLASSIFIER_MODEL}: is it a "
                                  "fine-tuning or distillation run?")
         classifier, _ = artifacts.load_classifier(run)
+        precision.recast(classifier, policy)
         classes = artifacts.read_optional_json(run, artifacts.CLASS_NAMES)
         if classes is None:
             print(f"[export] warning: {run} has no {artifacts.CLASS_NAMES}: the export "

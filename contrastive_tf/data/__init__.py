@@ -17,8 +17,10 @@ Specs:
 Arrays: `from_arrays(images, labels)`.
 
 Modules: `source` (Source, DataError, from_arrays), `builtin` (embedded,
-fashion_mnist, tfds), `folders`, `loading` (load a spec), `convert`,
-`labels` (label subsets), `pipelines` (tf.data). The names below are the
+fashion_mnist, tfds), `folders`, `decode` (one image file, with Pillow),
+`stream` (a folder as a stream of files: training crops of the whole
+image, evaluation images, the decoded cache), `loading` (load a spec),
+`convert`, `labels` (label subsets), `pipelines` (tf.data). The names below are the
 package's API: `contrastive_tf.data.load(...)` and so on.
 """
 
@@ -34,10 +36,12 @@ from contrastive_tf.data.labels import (class_balanced_indices, match_classes, v
 from contrastive_tf.data.loading import load, load_images, load_labelled, load_whole, whole_split
 from contrastive_tf.data.pipelines import pipeline, training_stream
 from contrastive_tf.data.source import DataError, Source, from_arrays
+from contrastive_tf.data.decode import SKIPPED
+from contrastive_tf.data.stream import eval_stream, view_stream
 
 __all__ = [
     "DEBIAN_FASHION_MNIST_DIR", "EMBEDDED_PATH", "FASHION_MNIST_CLASSES", "IMAGE_EXTENSIONS",
-    "SPLIT_FOLDERS", "DataError", "Source", "class_balanced_indices", "conform",
+    "SKIPPED", "SPLIT_FOLDERS", "DataError", "eval_stream", "view_stream", "Source", "class_balanced_indices", "conform",
     "from_arrays", "head", "infer_channels", "list_folder", "load", "load_embedded",
     "load_fashion_mnist", "load_folder", "load_images", "load_labelled", "load_tfds",
     "load_whole", "match_classes", "pipeline",

@@ -9,7 +9,8 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from contrastive_tf.data.source import Source, from_arrays
+from contrastive_tf.data import stream
+from contrastive_tf.data.source import DataError, Source, from_arrays
 from contrastive_tf.method.color import LUMA
 
 
@@ -27,10 +28,13 @@ def square_resize(image: tf.Tensor, size: int) -> tf.Tensor:
 
 def to_memory(source: Source, image_size: int) -> Source:
     """A streaming source read into memory, each image brought to
-    `image_size` (`square_resize`). For labelled sets and pools small
-    enough to hold in memory."""
+    `image_size` (`square_resize`; a folder's files as `load_folder` reads
+    them, undecodable ones skipped and named). For labelled sets and pools
+    small enough to hold in memory."""
     if source.images is not None:
         return source
+    if source.streams_files:
+        return _files_to_memory(dataclasses.replace(source, image_size=image_size))
     images, labels = [], []
     for image, label in source.dataset.map(
             lambda x, y: (square_resize(x, image_size), y)).batch(256):
@@ -43,6 +47,22 @@ def to_memory(source: Source, image_size: int) -> Source:
         dataset=None)
 
 
+def _files_to_memory(source: Source) -> Source:
+    images, labels, paths = [], [], []
+    for batch in stream.eval_stream(source, 256, with_labels=source.labelled,
+                                    with_index=True):
+        images.append(batch[0].numpy())
+        if source.labelled:
+            labels.append(batch[1].numpy())
+        paths += [source.paths[i] for i in batch[-1].numpy()]
+    if not images:
+        raise DataError(f"{source.spec}: none of the {source.num_examples} files could be "
+                        "decoded")
+    held = from_arrays(np.concatenate(images), np.concatenate(labels) if labels else None,
+                       source.class_names or None, source.spec, source.split)
+    return dataclasses.replace(held, paths=tuple(paths))
+
+
 def head(source: Source, count: int, image_size: int) -> Source:
     """The first `count` images of `source` in memory, at `image_size`; a
     streaming source is read only that far (a kNN bank or query set of a
@@ -50,6 +70,8 @@ def head(source: Source, count: int, image_size: int) -> Source:
     count = min(count, source.num_examples)
     if source.images is not None:
         return source.subset(np.arange(count))
+    if source.streams_files:
+        return to_memory(source.subset(np.arange(count)), image_size)
     return to_memory(dataclasses.replace(source, dataset=source.dataset.take(count),
                                          num_examples=count), image_size)
 
@@ -61,6 +83,12 @@ def conform(source: Source, image_size: int, channels: int) -> tuple[Source, str
     source and a sentence saying what was converted (None if nothing)."""
     if channels not in (1, 3):
         raise ValueError(f"Expected channels 1 or 3 (the model's). Received: channels={channels}")
+    if source.streams_files:
+        note = None
+        if source.channels != channels:
+            note = (f"{source.spec}: its files are decoded as {'RGB' if channels == 3 else 'gray'}"
+                    " images, as the model was trained")
+        return dataclasses.replace(source, image_size=image_size, channels=channels), note
     source = to_memory(source, image_size)
     height, width, have = source.images.shape[1:]
     if (height, width, have) == (image_size, image_size, channels):

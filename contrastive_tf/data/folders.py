@@ -11,8 +11,9 @@ import os
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
+import tensorflow as tf
 
+from contrastive_tf.data import decode
 from contrastive_tf.runtime import progress
 from contrastive_tf.data.source import DataError, Source, from_arrays
 
@@ -23,29 +24,9 @@ log = progress.logger("data")
 
 
 def _decode_file(path: str, size: int, channels: int) -> tuple[np.ndarray, tuple]:
-    """The image at `size` x `size` x `channels`, and its own
-    (width, height, channels) as stored."""
-    with Image.open(path) as image:
-        image.load()
-        # Phones store photos as the sensor reads them, with an EXIF tag
-        # saying how to turn them upright: applied, as image viewers do.
-        image = ImageOps.exif_transpose(image)
-        if image.width == 0 or image.height == 0:
-            raise OSError("zero-size image")
-        stored = (image.width, image.height, 1 if image.mode in _GRAY_MODES else 3)
-        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-            wide = np.asarray(image, dtype=np.float64)
-            top = 65535.0 if image.mode.startswith("I;16") or wide.max() > 255 else 255.0
-            image = Image.fromarray(np.clip(wide / top * 255 + 0.5, 0, 255)
-                                    .astype(np.uint8), "L")
-        if image.mode in ("RGBA", "LA", "P", "PA"):
-            image = image.convert("RGBA")
-            background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-            image = Image.alpha_composite(background, image)
-        image = image.convert("L" if channels == 1 else "RGB")
-        image = ImageOps.fit(image, (size, size), Image.Resampling.BICUBIC)
-        array = np.asarray(image, dtype=np.uint8)
-    return array.reshape(size, size, channels), stored
+    """The image at `size` x `size` x `channels` (its central square), and
+    its own (width, height, channels) as stored."""
+    return decode.square_image(path, size, channels)
 
 
 def _held_out(files: Sequence[str], root: str, groups: np.ndarray,
@@ -68,17 +49,15 @@ def _held_out(files: Sequence[str], root: str, groups: np.ndarray,
 
 
 SPLIT_FOLDERS = {"train": ("train",), "test": ("test", "val", "validation")}
-_GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
 
 
 def split_folders(path: str) -> dict[str, str]:
     """The split subfolders of a folder laid out as `train/` + `test/` (or
     `val/`): {"train": path/train, "test": path/test}; {} for any other
     folder (class subfolders, or a flat folder of images)."""
-    if not os.path.isdir(path):
+    if not is_dir(path):
         return {}
-    subdirs = {e for e in os.listdir(path) if os.path.isdir(os.path.join(path, e))
-               and not e.startswith(".")}
+    subdirs = set(_entries(path)[0])
     known = {name for names in SPLIT_FOLDERS.values() for name in names}
     if "train" not in subdirs or len(subdirs) < 2 or not subdirs <= known:
         return {}
@@ -95,8 +74,8 @@ def infer_channels(files: Sequence[str]) -> int:
     """1 if every readable image is grayscale (by its mode), else 3."""
     for file in files:
         try:
-            with Image.open(file) as image:
-                if image.mode not in _GRAY_MODES:
+            with decode.open_image(file) as image:
+                if image.mode not in decode.GRAY_MODES:
                     return 3
         except Exception:  # unreadable files are reported by the loader
             continue
@@ -105,7 +84,7 @@ def infer_channels(files: Sequence[str]) -> int:
 
 def load_folder(path: str, image_size: int, channels: int = 0,
                 split: str = "all", test_fraction: float = 0.0,
-                strict: bool = False) -> Source:
+                strict: bool = False, stream: bool = False) -> Source:
     """Your own images: class subfolders (labelled) or a flat folder.
 
     Every image is decoded once (JPEG/PNG/BMP/GIF/WebP/TIFF, upright by
@@ -126,8 +105,12 @@ def load_folder(path: str, image_size: int, channels: int = 0,
         test_fraction: share of each class held out as "test", chosen by a
             hash of each file's path (`_held_out`): the same for every seed.
         strict: raise on any undecodable file instead of skipping it.
+        stream: list the files only (a source `data.stream` reads file by
+            file, for folders of any size): nothing is decoded here, and
+            `channels` 0 is inferred from up to `CHANNEL_SAMPLE` files
+            spread over the folder.
     """
-    if not os.path.isdir(path):
+    if not is_dir(path):
         raise DataError(f"folder:{path}: no such directory")
     if channels not in (0, 1, 3):
         raise DataError(f"folder:{path}: channels must be 1 or 3 (0: infer), got {channels}")
@@ -139,9 +122,13 @@ def load_folder(path: str, image_size: int, channels: int = 0,
         if wanted not in layout:
             raise DataError(f"folder:{path}: has train/ but no test/ or val/ subfolder "
                             f"for split {split!r}")
-        source = load_folder(layout[wanted], image_size, channels, "all", strict=strict)
+        source = load_folder(layout[wanted], image_size, channels, "all", strict=strict,
+                             stream=stream)
         return dataclasses.replace(source, spec=f"folder:{path}", split=split)
     class_names, files, labels = list_folder(path)
+    if stream:
+        return _file_source(path, image_size, channels, split, test_fraction,
+                            class_names, files, labels)
     channels = channels or infer_channels(files)
     images, stored, keep, bad = _decode_all(path, files, image_size, channels, strict)
     kept_labels = None if labels is None else np.asarray(labels, np.int32)[keep]
@@ -162,17 +149,41 @@ def load_folder(path: str, image_size: int, channels: int = 0,
                                stored_shapes=stored)
 
 
+# A streaming folder infers its channels from this many files, spread over it.
+CHANNEL_SAMPLE = 200
+
+
+def _file_source(path, image_size, channels, split, test_fraction, class_names, files,
+                 labels) -> Source:
+    """A folder as a list of files (`Source.streams_files`)."""
+    if not channels:
+        picks = np.unique(np.linspace(0, len(files) - 1, min(len(files), CHANNEL_SAMPLE))
+                          .astype(int))
+        channels = infer_channels([files[i] for i in picks])
+    labels = None if labels is None else np.asarray(labels, np.int32)
+    if split != "all":
+        groups = labels if labels is not None else np.zeros(len(files), np.int32)
+        test = _held_out(files, path, groups, test_fraction)
+        chosen = np.flatnonzero(test if split == "test" else ~test)
+        if chosen.size == 0:
+            raise DataError(f"folder:{path}: split {split!r} with test_fraction="
+                            f"{test_fraction} is empty")
+        files = [files[i] for i in chosen]
+        labels = None if labels is None else labels[chosen]
+    return Source(spec=f"folder:{path}", split=split, num_examples=len(files),
+                  class_names=tuple(class_names), labels=labels, paths=tuple(files),
+                  channels=channels, image_size=image_size)
+
+
 def list_folder(path: str) -> tuple[tuple, list, list | None]:
     """(class names, image files, labels) of a folder: class subfolders
     (sorted names, each with images) or a flat folder (no classes, labels
     None)."""
-    subdirs = [e for e in sorted(os.listdir(path)) if os.path.isdir(os.path.join(path, e))
-               and not e.startswith(".")]
+    subdirs = _entries(path)[0]
     ignored = []
 
     def images_in(directory):
-        names = [f for f in sorted(os.listdir(directory)) if not f.startswith(".")
-                 and os.path.isfile(os.path.join(directory, f))]
+        names = _entries(directory)[1]
         ignored.extend(os.path.join(directory, f) for f in names
                        if not f.lower().endswith(IMAGE_EXTENSIONS))
         return [os.path.join(directory, f) for f in names
@@ -201,6 +212,29 @@ def list_folder(path: str) -> tuple[tuple, list, list | None]:
         log.info(f"folder:{path}: left out {len(ignored)} file(s) that are not images by "
                  f"their name ({_few(ignored)}); images end in {', '.join(IMAGE_EXTENSIONS)}")
     return class_names, files, labels
+
+
+def is_dir(path: str) -> bool:
+    return tf.io.gfile.isdir(path) if "://" in path else os.path.isdir(path)
+
+
+def _entries(path: str) -> tuple[list[str], list[str]]:
+    """(subfolder names, file names) in `path`, sorted, hidden ones left
+    out; local folders through os.scandir (one call for 200,000 files),
+    others through tf.io.gfile (buckets, ram://)."""
+    folders, files = [], []
+    if "://" in path:
+        for name in tf.io.gfile.listdir(path):
+            name = name.rstrip("/")
+            if not name.startswith("."):
+                (folders if tf.io.gfile.isdir(os.path.join(path, name)) else files).append(name)
+    else:
+        with os.scandir(path) as entries:
+            for entry in entries:
+                if not entry.name.startswith("."):
+                    (folders if entry.is_dir() else files if entry.is_file() else []).append(
+                        entry.name)
+    return sorted(folders), sorted(files)
 
 
 def _few(paths: list, count: int = 3) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from contrastive_tf.data import stream
 from contrastive_tf.data.convert import square_resize
 from contrastive_tf.data.source import DataError, Source
 
@@ -56,6 +57,11 @@ def pipeline(source: Source, batch_size: int, *, training: bool,
     if with_labels and not source.labelled:
         raise DataError(f"{source.spec}: labels requested but the source is "
                         "unlabelled")
+    if source.streams_files and not training:
+        return stream.eval_stream(source, batch_size, with_labels=with_labels)
+    if source.streams_files:
+        raise DataError(f"{source.spec}: a folder read file by file trains through "
+                        "data.view_stream (crops of the whole image)")
     if source.images is not None:
         tensors = ((source.images, source.labels) if with_labels
                    else source.images)
@@ -88,6 +94,9 @@ def training_stream(source: Source, batch_size: int, *, seed: int = 0,
     and are brought to `image_size` (`square_resize`) when given, since their
     images may differ in size.
     """
+    if source.streams_files:
+        raise DataError(f"{source.spec}: a folder read file by file trains through "
+                        "data.view_stream (crops of the whole image)")
     if source.num_examples < batch_size:
         raise DataError(
             f"{source.spec} ({source.split}) has {source.num_examples} images, "

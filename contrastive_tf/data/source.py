@@ -31,6 +31,9 @@ class Source:
         paths: for folders, the file of each image (index = row).
         stored_shapes: for folders, the (width, height, channels) the files
             have before they are brought to one size.
+        channels: for a folder read as a stream of files (`paths` set, no
+            `images` or `dataset`), the channels its images are decoded to.
+        image_size: for such a folder, the side of its evaluation images.
     """
     spec: str
     split: str
@@ -42,10 +45,17 @@ class Source:
     skipped: tuple[str, ...] = ()
     paths: tuple[str, ...] = ()
     stored_shapes: frozenset = frozenset()
+    channels: int = 0
+    image_size: int = 0
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def streams_files(self) -> bool:
+        """A folder read file by file (`data.stream`), never held whole."""
+        return self.images is None and self.dataset is None and bool(self.paths)
 
     @property
     def labelled(self) -> bool:
@@ -56,16 +66,19 @@ class Source:
     def image_shape(self) -> tuple[int, ...] | None:
         if self.images is not None:
             return tuple(self.images.shape[1:])
+        if self.streams_files:
+            return (self.image_size, self.image_size, self.channels)
         spec = self.dataset.element_spec[0]
         return tuple(spec.shape)
 
     def subset(self, indices: Sequence[int]) -> "Source":
-        """The in-memory examples at `indices`."""
-        if self.images is None:
-            raise DataError(f"{self.spec}: subsets need an in-memory source")
+        """The examples at `indices` (of an in-memory source or a folder
+        read file by file)."""
+        if self.images is None and not self.streams_files:
+            raise DataError(f"{self.spec}: subsets need an in-memory source or a folder")
         indices = np.asarray(indices, dtype=np.int64)
         return dataclasses.replace(
-            self, images=self.images[indices],
+            self, images=None if self.images is None else self.images[indices],
             labels=None if self.labels is None else self.labels[indices],
             paths=tuple(self.paths[i] for i in indices) if self.paths else (),
             num_examples=len(indices))

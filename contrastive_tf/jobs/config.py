@@ -75,6 +75,7 @@ class PretrainConfig(_Config):
     eval_split: str = _field("", "Held-out split for the kNN monitor. Default: the dataset's test split (test/ for folders laid out that way; none for a folder used whole).")
     image_size: int = _field(32, "Training image side in pixels.")
     channels: int = _field(0, "Channels for folder datasets (1 or 3; 0: 1 if every image is grayscale, else 3); other datasets use their own.", choices=(0, 1, 3))
+    cache_dir: str = _field("", "Folder datasets: keep the decoded images here (a local folder; built once, reused by later runs on the same files, rebuilt when they change). Worth it where decoding, not the model, sets the pace: small models, small images, many epochs.")
     depth: int = _field(18, "ResNet depth.", choices=SUPPORTED_DEPTHS)
     width_multiplier: int = _field(1, "ResNet width multiplier.")
     sk_ratio: float = _field(0.0, "Selective-kernel ratio (0 = off; v2 uses 0.0625).")
@@ -219,8 +220,7 @@ class PipelineConfig(_Config):
 class FinetuneConfig(_Config):
     """Fine-tuning a pretrained encoder on a labelled set you have.
 
-    Defaults are the pipeline's fine-tuning recipe (PipelineConfig); it
-    computes in the precision the encoder was pretrained in."""
+    Defaults are the pipeline's fine-tuning recipe (PipelineConfig)."""
     encoder: str = _field(None, "A pretraining run directory (experiments.pretrain's --model_dir) or an encoder export version directory (exports/<name>/<version>).", required=True)
     dataset: str = _field(None, 'Labelled images: folder:<path> with one subfolder per class (used whole, or its train/ subfolder), embedded, fashion_mnist or tfds:<name>.', required=True)
     output_dir: str = _field(None, 'Where classifier.keras, class_names.json and summary.json go.', required=True)
@@ -236,6 +236,8 @@ class FinetuneConfig(_Config):
     weight_decay: float = _field(1e-4, 'Decoupled weight decay (biases and batch norm excluded).')
     min_steps: int = _field(10, 'At least this many steps per epoch, so tiny labelled sets still get updates.')
     crop_min_area: float = _field(0.3, 'Smallest random-crop area (fine-tuning uses crop + flip only).')
+    precision: str = _field("auto", "Compute precision (auto: bf16 where this machine runs it natively, else float32); the precision the encoder was saved in is not kept.", choices=PRECISIONS)
+    strategy: str = _field("default", "tf.distribute strategy.", choices=STRATEGIES)
     seed: int = _field(0, 'Random seed.')
 
     KIND = "fine-tuning"
@@ -271,7 +273,9 @@ class DistillConfig(_Config):
     learning_rate: float = _field(0.05, 'Peak learning rate (SGD with momentum).')
     weight_decay: float = _field(1e-4, "Decoupled weight decay of the student (biases and batch norm excluded).")
     crop_min_area: float = _field(0.3, 'Smallest random-crop area of the views.')
-    precision: str = _field("auto", 'Precision of a freshly built student (auto: bf16 where native, else float32).', choices=PRECISIONS)
+    precision: str = _field("auto", "Compute precision of teacher and student (auto: bf16 where this machine runs it natively, else float32); the precision they were saved in is not kept.", choices=PRECISIONS)
+    strategy: str = _field("default", "tf.distribute strategy.", choices=STRATEGIES)
+    cache_dir: str = _field("", "Folder datasets: keep the decoded images here (see experiments.pretrain --cache_dir).")
     seed: int = _field(0, 'Random seed.')
 
     KIND = "distillation"
@@ -302,6 +306,8 @@ class PredictConfig(_Config):
     top_k: int = _field(3, 'Classes listed per image in the top_k column.')
     embeddings: str = _field("", "Also write the encoder's features h to this .npy file (encoders only; row order as the CSV).")
     batch_size: int = _field(256, 'Batch size.')
+    precision: str = _field("auto", "Compute precision (auto: bf16 where this machine runs it natively, else float32); the model's saved precision is not kept.", choices=PRECISIONS)
+    strategy: str = _field("default", "tf.distribute strategy: default, or mirrored for the GPUs of one machine (multi_worker: refused, the CSV is written by one process).", choices=STRATEGIES)
 
     KIND = "predict"
 

@@ -23,7 +23,7 @@ from contrastive_tf.method.augment import finetune_augmenter
 from contrastive_tf.method.backbones import resnet
 from contrastive_tf.method.distiller import Distiller
 from contrastive_tf.runs import artifacts
-from contrastive_tf.runtime import precision, progress, seeds
+from contrastive_tf.runtime import distribution, precision, progress, seeds
 
 log = progress.logger("distill")
 
@@ -32,29 +32,41 @@ def distill(teacher: keras.Model, student: keras.Model, pool: data.Source, *,
             labelled: data.Source | None = None, label_weight: float = 0.0,
             epochs: int = 6, batch_size: int = 256, learning_rate: float = 0.05,
             temperature: float = 1.0, crop_min_area: float = 0.3, weight_decay: float = 1e-4,
-            policy: str = "float32",
-            seed: int = 0, callbacks: list | None = None, verbose: int = 2) -> keras.Model:
+            policy: str = "float32", seed: int = 0, callbacks: list | None = None,
+            verbose: int = 2, cache_dir: str | None = None,
+            strategy: tf.distribute.Strategy | None = None) -> keras.Model:
     """Trains `student` (in place) to match `teacher` on `pool`'s images,
     without their labels (SimCLRv2): SGD with momentum, one epoch of warmup
     then cosine, crop + flip views, loss scaling under mixed_float16. With
     `labelled` and `label_weight` > 0 each step adds the cross-entropy of a
-    labelled batch. Returns the student."""
+    labelled batch. Returns the student. A folder read file by file streams
+    (crops of its whole images, `data.view_stream`; `cache_dir` keeps them
+    decoded); teacher and student are made under `strategy` by the caller.
+    """
     image_size = int(student.input.shape[1])
-    with precision.policy_scope(policy):
-        distiller = Distiller(teacher, student,
-                              finetune_augmenter(image_size, crop_min_area, seed),
-                              temperature=temperature, label_weight=label_weight)
+    augmenter = finetune_augmenter(image_size, crop_min_area, seed)
+    strategy = strategy or tf.distribute.get_strategy()
     batch_size = min(batch_size, pool.num_examples)
     steps = max(pool.num_examples // batch_size, 1)
-    optimizer = optim.make_optimizer(
-        "sgd", optim.WarmupCosine(learning_rate, steps, steps * epochs), weight_decay)
-    optim.exclude_from_decay(optimizer, student.trainable_variables)
-    distiller.compile(optimizer=precision.loss_scaled(optimizer, policy))
-    unlabelled = dataclasses.replace(pool, labels=None)
-    stream = data.training_stream(unlabelled, batch_size, seed=seed)
+    with strategy.scope(), precision.policy_scope(policy):
+        distiller = Distiller(teacher, student, augmenter,
+                              temperature=temperature, label_weight=label_weight)
+        optimizer = optim.make_optimizer(
+            "sgd", optim.WarmupCosine(learning_rate, steps, steps * epochs), weight_decay)
+        optim.exclude_from_decay(optimizer, student.trainable_variables)
+        distiller.compile(optimizer=precision.loss_scaled(optimizer, policy))
+
+    def stream_of(source, size, with_labels):
+        if source.streams_files:
+            return data.view_stream(
+                source, size, image_size=image_size, views=1, crop_area=augmenter.crop_area,
+                aspect_ratio=augmenter.aspect_ratio, seed=seed, with_labels=with_labels,
+                cache_dir=cache_dir, strategy=strategy)
+        return data.training_stream(source, size, seed=seed, with_labels=with_labels)
+
+    stream = stream_of(dataclasses.replace(pool, labels=None), batch_size, False)
     if labelled is not None and label_weight > 0:
-        labelled_stream = data.training_stream(
-            labelled, min(batch_size, labelled.num_examples), seed=seed, with_labels=True)
+        labelled_stream = stream_of(labelled, min(batch_size, labelled.num_examples), True)
         stream = tf.data.Dataset.zip(stream, labelled_stream)
     distiller.fit(stream, steps_per_epoch=steps, epochs=epochs, verbose=verbose,
                   callbacks=callbacks, shuffle=False)
@@ -91,8 +103,13 @@ def run_distill(config: DistillConfig, verbose: int = 1) -> dict:
     `config.dataset`'s images (their own labels unused) for a student;
     writes classifier.keras, class_names.json and summary.json."""
     started = time.time()
+    # The strategy first: a multi-worker one must exist before TensorFlow's runtime starts.
+    strategy = distribution.make_strategy(config.strategy)
     artifacts.claim_output_dir(config.output_dir, "distill", config.to_dict())
-    teacher, class_names = artifacts.load_classifier(config.teacher)
+    choice = precision.resolve(config.precision)
+    with strategy.scope():
+        teacher, class_names = artifacts.load_classifier(config.teacher)
+        precision.recast(teacher, choice.policy)
     size, channels = int(teacher.input.shape[1]), int(teacher.input.shape[-1])
     pool = data.load_images(config.dataset, "train", size, channels, config.data_dir)
     labelled = None
@@ -103,10 +120,11 @@ def run_distill(config: DistillConfig, verbose: int = 1) -> dict:
     if config.test_dataset:
         test = data.match_classes(data.load_labelled(
             config.test_dataset, "test", size, channels, config.data_dir), class_names)
-    choice = precision.resolve(config.precision)
     with seeds.seeded(config.seed):
-        student, described = job_student(config, teacher, choice.policy)
-        policy = precision.precision_of(student)
+        with strategy.scope():
+            student, described = job_student(config, teacher, choice.policy)
+            policy = choice.policy
+            precision.recast(student, policy)
         labelled_term = (f", labelled term x{config.label_weight} on {labelled.num_examples} "
                          "images" if labelled is not None and config.label_weight else "")
         log.info(f"distilling {config.teacher} into a student ({described}, {policy}) on "
@@ -116,12 +134,14 @@ def run_distill(config: DistillConfig, verbose: int = 1) -> dict:
                 epochs=config.epochs, batch_size=config.batch_size,
                 learning_rate=config.learning_rate, temperature=config.temperature,
                 crop_min_area=config.crop_min_area, weight_decay=config.weight_decay,
-                policy=policy, seed=config.seed,
-                verbose=2 if verbose else 0)
-    artifacts.save_classifier(student, class_names, config.output_dir)
+                policy=policy, seed=config.seed, verbose=2 if verbose else 0,
+                cache_dir=config.cache_dir or None, strategy=strategy)
+    if distribution.is_chief(strategy):
+        artifacts.save_classifier(student, class_names, config.output_dir)
     summary = {"job": "distill", "teacher": config.teacher, "dataset": config.dataset,
                "num_images": pool.num_examples, "student": described, "precision": policy,
-               "epochs": config.epochs, "wall_s": round(time.time() - started, 1)}
+               "epochs": config.epochs, "wall_s": round(time.time() - started, 1),
+               **data.SKIPPED.summary()}
     if test is not None:
         summary.update(test_accuracy=evaluate_classifier(student, test),
                        teacher_test_accuracy=evaluate_classifier(teacher, test),
@@ -129,7 +149,8 @@ def run_distill(config: DistillConfig, verbose: int = 1) -> dict:
         log.info(f"test accuracy: student {summary['test_accuracy']:.4f}, teacher "
                  f"{summary['teacher_test_accuracy']:.4f}")
     summary["wall_s"] = round(time.time() - started, 1)
-    artifacts.write_summary(config.output_dir, summary)
+    if distribution.is_chief(strategy):
+        artifacts.write_summary(config.output_dir, summary)
     log.info(f"done: classifier.keras, class_names.json and summary.json in {config.output_dir} "
              f"({summary['wall_s']} s)")
     return summary

@@ -16,6 +16,7 @@ import os
 import time
 
 import keras
+import tensorflow as tf
 
 from contrastive_tf import data
 from contrastive_tf.jobs.config import FinetuneConfig
@@ -24,7 +25,7 @@ from contrastive_tf.method import optim
 from contrastive_tf.method.augment import finetune_augmenter
 from contrastive_tf.method.classifier import KeepBestEpoch, build_classifier
 from contrastive_tf.runs import artifacts
-from contrastive_tf.runtime import precision, progress, seeds
+from contrastive_tf.runtime import distribution, precision, progress, seeds
 
 log = progress.logger("finetune")
 
@@ -44,6 +45,22 @@ def _trainer(classifier: keras.Model, augmenter: keras.layers.Layer) -> keras.Mo
     return keras.Model(inputs, classifier(augmenter(inputs)), name="trainer")
 
 
+def _view_trainer(classifier: keras.Model) -> keras.Model:
+    # Views cropped by the input pipeline (a folder read file by file), as
+    # float images in [0, 1]: `{"view": ...}` batches.
+    view = keras.Input(classifier.input.shape[1:], dtype="float32", name="view")
+    return keras.Model({"view": view}, classifier(view), name="view_trainer")
+
+
+def _stream_views(dataset, augmenter=None):
+    """`{"view": float image}` batches for `_view_trainer`: training views
+    as they come (uint8 -> [0, 1]); evaluation images through `augmenter`'s
+    evaluation preprocessing, as the in-memory trainer applies it."""
+    if augmenter is None:
+        return dataset.map(lambda x, y: ({"view": tf.cast(x["view"], tf.float32) / 255.0}, y))
+    return dataset.map(lambda x, y: ({"view": augmenter(x, training=False)}, y))
+
+
 def train_classifier(classifier: keras.Model, train: data.Source,
                      val: data.Source, test: data.Source | None, *,
                      epochs: int = 100, batch_size: int = 64,
@@ -51,7 +68,8 @@ def train_classifier(classifier: keras.Model, train: data.Source,
                      optimizer: str = "sgd", patience: int = 0,
                      crop_min_area: float = 0.08, min_steps: int = 0,
                      seed: int = 0, verbose: int = 0, policy: str | None = None,
-                     callbacks: list | None = None) -> FinetuneResult:
+                     callbacks: list | None = None,
+                     strategy: tf.distribute.Strategy | None = None) -> FinetuneResult:
     """Trains `classifier` on labelled `train`, keeps the weights of the best
     validation epoch, and reports test accuracy.
 
@@ -66,31 +84,44 @@ def train_classifier(classifier: keras.Model, train: data.Source,
 
     `policy` is the compute precision (default: the classifier's own,
     `precision.precision_of`); under mixed_float16 the optimizer scales the
-    loss. `callbacks` are passed to `fit`.
+    loss. `callbacks` are passed to `fit`; the trainer is made under
+    `strategy` (default: the current one), where the classifier must have
+    been made too. A folder read file by file
+    (`Source.streams_files`) trains on crops of its whole images
+    (`data.view_stream`) and is evaluated as it streams.
     """
     if patience < 0:
         raise ValueError(f"Expected patience >= 0. Received: patience={patience}")
     with seeds.seeded(seed):
         image_size = int(classifier.input.shape[1])
         policy = policy or precision.precision_of(classifier)
-        with precision.policy_scope(policy):
-            trainer = _trainer(classifier, finetune_augmenter(image_size, crop_min_area, seed))
+        augmenter = finetune_augmenter(image_size, crop_min_area, seed)
+        strategy = strategy or tf.distribute.get_strategy()
         batch_size = min(batch_size, train.num_examples)
         steps = max(train.num_examples // batch_size, min_steps, 1)
-        schedule = optim.WarmupCosine(learning_rate, steps, steps * epochs)
-        optimizer = optim.make_optimizer(optimizer, schedule, weight_decay)
-        optim.exclude_from_decay(optimizer, trainer.trainable_variables)
-        trainer.compile(optimizer=precision.loss_scaled(optimizer, policy),
-                        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                        metrics=["accuracy"])
-        stream = data.training_stream(train, batch_size, seed=seed, with_labels=True)
+        with strategy.scope(), precision.policy_scope(policy):
+            trainer = (_view_trainer(classifier) if train.streams_files
+                       else _trainer(classifier, augmenter))
+            schedule = optim.WarmupCosine(learning_rate, steps, steps * epochs)
+            optimizer = optim.make_optimizer(optimizer, schedule, weight_decay)
+            optim.exclude_from_decay(optimizer, trainer.trainable_variables)
+            trainer.compile(optimizer=precision.loss_scaled(optimizer, policy),
+                            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                            metrics=["accuracy"])
         val_data = data.pipeline(val, 512, training=False)
+        if train.streams_files:
+            stream = _stream_views(data.view_stream(
+                train, batch_size, image_size=image_size, views=1,
+                crop_area=augmenter.crop_area, aspect_ratio=augmenter.aspect_ratio,
+                seed=seed, with_labels=True, strategy=strategy))
+            val_data = _stream_views(val_data, augmenter)
+        else:
+            stream = data.training_stream(train, batch_size, seed=seed, with_labels=True)
         keeper = KeepBestEpoch(patience)
         history = trainer.fit(stream, steps_per_epoch=steps, epochs=epochs,
                               validation_data=val_data, callbacks=[keeper, *(callbacks or [])],
                               shuffle=False, verbose=verbose)
-        test_accuracy = None if test is None else float(trainer.evaluate(
-            data.pipeline(test, 512, training=False), verbose=0, return_dict=True)["accuracy"])
+        test_accuracy = None if test is None else evaluate_classifier(classifier, test)
     return FinetuneResult(test_accuracy=test_accuracy, val_accuracy=keeper.best,
                           epochs_run=len(history.history["val_accuracy"]),
                           best_epoch=keeper.best_epoch)
@@ -142,32 +173,39 @@ def run_finetune(config: FinetuneConfig, verbose: int = 1) -> dict:
     pipeline's recipe; writes classifier.keras, class_names.json and
     summary.json into `config.output_dir`."""
     started = time.time()
+    # The strategy first: a multi-worker one must exist before TensorFlow's runtime starts.
+    strategy = distribution.make_strategy(config.strategy)
     artifacts.claim_output_dir(config.output_dir, "finetune", config.to_dict())
-    pretrained = artifacts.load_pretrained(config.encoder)
+    policy = precision.resolve(config.precision).policy
+    with strategy.scope():
+        pretrained = artifacts.load_pretrained(config.encoder)
     labelled, train, val, test = finetune_data(config, pretrained.image_size,
                                                pretrained.channels)
     encoder, head = classifier_parts(pretrained, config.from_layer)
-    with seeds.seeded(config.seed):
-        classifier = build_classifier(encoder, labelled.num_classes, head)
-    policy = precision.precision_of(classifier)
+    with seeds.seeded(config.seed), strategy.scope(), precision.policy_scope(policy):
+        classifier = precision.recast(build_classifier(encoder, labelled.num_classes, head),
+                                      policy)
     start = f"its head layer {head.ft_layer}" if head is not None else "h"
-    log.info(f"fine-tuning {config.encoder} from {start} for {config.epochs} epochs in {policy}")
+    log.info(f"fine-tuning {config.encoder} from {start} for {config.epochs} epochs in {policy}"
+             f" ({strategy.num_replicas_in_sync} replica(s))")
     result = train_classifier(
         classifier, train, val, test, epochs=config.epochs, batch_size=config.batch_size,
         learning_rate=config.learning_rate, weight_decay=config.weight_decay,
         crop_min_area=config.crop_min_area, min_steps=config.min_steps, seed=config.seed,
-        policy=policy, verbose=2 if verbose else 0)
-    artifacts.save_classifier(classifier, labelled.class_names, config.output_dir)
+        policy=policy, verbose=2 if verbose else 0, strategy=strategy)
+    if distribution.is_chief(strategy):
+        artifacts.save_classifier(classifier, labelled.class_names, config.output_dir)
     summary = {"job": "finetune", "encoder": config.encoder, "dataset": config.dataset,
                "num_labelled": labelled.num_examples, "num_train": train.num_examples,
                "num_val": val.num_examples, "num_classes": labelled.num_classes,
                "val_accuracy": result.val_accuracy, "best_epoch": result.best_epoch,
                "epochs_run": result.epochs_run, "precision": policy,
-               "wall_s": round(time.time() - started, 1)}
+               "wall_s": round(time.time() - started, 1), **data.SKIPPED.summary()}
     if test is not None:
         summary.update(test_accuracy=result.test_accuracy, num_test=test.num_examples,
                        test_dataset=config.test_dataset)
-    artifacts.write_summary(config.output_dir, summary)
+    if distribution.is_chief(strategy):
+        artifacts.write_summary(config.output_dir, summary)
     shown = f", test {result.test_accuracy:.4f}" if test is not None else ""
     log.info(f"done: validation {result.val_accuracy:.4f} (best epoch {result.best_epoch}/"
              f"{result.epochs_run}){shown}; classifier.keras, class_names.json and summary.json "

@@ -2,17 +2,22 @@
 
 `run_predict(config)` is what `experiments/predict.py` calls: one CSV row
 per image (its file for folders, the class, its probability and the top-k),
-and with `config.embeddings` the features h as a .npy file. Images are
-converted the way the model's training images were (`data.load_folder`,
-`data.conform`); files that cannot be read are skipped, named in a warning
-and listed in the CSV with their error.
+and with `config.embeddings` the features h as a .npy file. Images stream
+through in order, `CHUNK` at a time, and rows are written as they are
+computed (memory does not grow with the folder); a folder's files are
+decoded as the model's training images were (their central square at the
+model's size); files that cannot be read are skipped, named in a warning
+and listed at the end of the CSV with their error. Both files appear
+(atomically) when the job ends.
 """
 
 from __future__ import annotations
 
 import csv
 import os
+import time
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -20,17 +25,79 @@ from contrastive_tf import data
 from contrastive_tf.jobs.config import PredictConfig
 from contrastive_tf.method.augment import finetune_augmenter
 from contrastive_tf.runs import artifacts
-from contrastive_tf.runtime import progress
+from contrastive_tf.runtime import distribution, precision, progress
 from contrastive_tf.runtime.files import atomic_open, atomic_path
 
 log = progress.logger("predict")
 
+# Images predicted per model.predict call (and held at once).
+CHUNK = 4096
 
-def _batches(model, images, batch_size):
-    preprocess = finetune_augmenter(int(model.input.shape[1]))
-    for start in range(0, len(images), batch_size):
-        views = preprocess(images[start:start + batch_size], training=False)
-        yield tf.cast(model(views, training=False), tf.float32).numpy()
+
+def _inference(model: keras.Model) -> keras.Model:
+    """uint8 images -> the model's outputs, with the evaluation preprocessing."""
+    shape = tuple(model.input.shape[1:])
+    images = keras.Input(shape, dtype="uint8", name="images")
+    return keras.Model(images, model(finetune_augmenter(shape[0])(images, training=False)))
+
+
+def _chunks(source: data.Source, batch_size: int):
+    """(images, row indices, labels or None) of `source`, in order, at most
+    `CHUNK` images at a time."""
+    if source.streams_files:
+        batches = data.eval_stream(source, batch_size, with_labels=source.labelled,
+                                   with_index=True)
+    else:
+        source = data.to_memory(source, source.image_shape[0])
+        parts = ((source.images, source.labels) if source.labelled else (source.images,))
+        batches = tf.data.Dataset.from_tensor_slices(
+            (*parts, tf.range(source.num_examples, dtype=tf.int64))).batch(batch_size)
+    held = []
+    for batch in batches.as_numpy_iterator():
+        held.append(batch)
+        if sum(len(b[0]) for b in held) >= CHUNK:
+            yield _joined(held, source.labelled)
+            held = []
+    if held:
+        yield _joined(held, source.labelled)
+
+
+def _joined(batches, labelled: bool):
+    images = np.concatenate([b[0] for b in batches])
+    index = np.concatenate([b[-1] for b in batches])
+    labels = np.concatenate([b[1] for b in batches]) if labelled else None
+    return images, index, labels
+
+
+class _NpyRows:
+    """A .npy file of float32 rows written as they come: raw rows go to a
+    temporary file; `finish` writes the .npy (header with the final row
+    count, then the rows) atomically onto `path`."""
+
+    def __init__(self, path: str):
+        self.path, self.rows, self.width = path, 0, None
+        self.raw_path = path + f".rows-{os.getpid()}"
+        self.raw = open(self.raw_path, "wb")
+
+    def add(self, rows: np.ndarray) -> None:
+        self.width = rows.shape[1]
+        self.raw.write(np.ascontiguousarray(rows, np.float32).tobytes())
+        self.rows += len(rows)
+
+    def finish(self) -> None:
+        self.raw.close()
+        with atomic_path(self.path) as tmp, open(tmp, "wb") as out, \
+                open(self.raw_path, "rb") as raw:
+            np.lib.format.write_array_header_1_0(out, {
+                "descr": "<f4", "fortran_order": False, "shape": (self.rows, self.width or 0)})
+            while block := raw.read(1 << 24):
+                out.write(block)
+        os.remove(self.raw_path)
+
+    def discard(self) -> None:
+        self.raw.close()
+        if os.path.exists(self.raw_path):
+            os.remove(self.raw_path)
 
 
 def classifier_rows(probabilities: np.ndarray, names, class_names, top_k: int,
@@ -51,55 +118,85 @@ def classifier_rows(probabilities: np.ndarray, names, class_names, top_k: int,
     return header + ["label"], rows, float(np.mean(top[:, 0] == truth))
 
 
-def write_csv(path: str, header: list, rows: list, skipped) -> None:
-    """The CSV, atomically, with an `error` column: empty for the images
-    read, the reason for the files that could not be (one row each)."""
-    rows = [row + [""] for row in rows]
-    for problem in skipped:
-        file, _, error = problem.partition(" (")
-        rows.append([file] + [""] * (len(header) - 1) + [error.rstrip(")")])
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with atomic_open(path, newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header + ["error"])
-        writer.writerows(rows)
-
-
 def run_predict(config: PredictConfig, verbose: int = 1) -> dict:
     """Writes `config.output` (CSV) and optionally `config.embeddings`."""
-    kind, model, class_names = artifacts.load_model(config.model)
+    if config.strategy == "multi_worker":
+        raise ValueError("predict writes one ordered CSV: run it on one machine (strategy "
+                         "'mirrored' uses all of its GPUs)")
+    started = time.time()
+    strategy = distribution.make_strategy(config.strategy)
+    choice = precision.resolve(config.precision)
+    with strategy.scope():
+        kind, model, class_names = artifacts.load_model(config.model)
+        precision.recast(model, choice.policy)
+        with precision.policy_scope(choice.policy):
+            inference = _inference(model)
     if config.embeddings and kind != "encoder":
         raise artifacts.ModelSourceError(f"`embeddings` needs an encoder (a pretraining "
                                          f"run or encoder export); {config.model} is a "
                                          "classifier")
     size, channels = int(model.input.shape[1]), int(model.input.shape[-1])
     source = data.load_images(config.dataset, "test", size, channels, config.data_dir)
-    if source.skipped:
-        log.warning(f"{config.dataset}: {len(source.skipped)} file(s) could not be read and "
-                    f"are listed in {config.output} with their error: "
-                    f"{'; '.join(source.skipped)}")
-    outputs = np.concatenate(list(_batches(model, source.images, config.batch_size)))
+    if source.labelled and kind == "classifier":
+        source = data.match_classes(source, tuple(class_names))
     names = source.paths or [str(i) for i in range(source.num_examples)]
-    summary = {"model": config.model, "kind": kind, "dataset": config.dataset,
-               "images": source.num_examples, "unreadable": len(source.skipped)}
     if kind == "classifier":
-        truth = (data.match_classes(source, tuple(class_names)).labels
-                 if source.labelled else None)
-        header, rows, accuracy = classifier_rows(tf.nn.softmax(outputs).numpy(), names,
-                                                 class_names, config.top_k, truth)
-        if accuracy is not None:
-            summary["accuracy"] = accuracy
+        header = (["image", "class_name", "probability", "top_k"]
+                  + (["label"] if source.labelled else []))
     else:
-        header, rows = ["image", "row"], [[name, row] for row, name in enumerate(names)]
+        header = ["image", "row"]
+    log.info(f"{source.num_examples} images of {config.dataset} through the {kind} "
+             f"{config.model} ({choice.policy}), {CHUNK} at a time")
+    embeddings = _NpyRows(config.embeddings) if config.embeddings else None
+    os.makedirs(os.path.dirname(os.path.abspath(config.output)), exist_ok=True)
+    done, correct, labelled_rows = 0, 0, 0
+    try:
+        with atomic_open(config.output, newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(header + ["error"])
+            for images, index, labels in _chunks(source, config.batch_size):
+                outputs = np.asarray(inference.predict(images, batch_size=config.batch_size,
+                                                       verbose=0), np.float32)
+                chunk_names = [names[i] for i in index]
+                if kind == "classifier":
+                    _, rows, accuracy = classifier_rows(
+                        tf.nn.softmax(outputs).numpy(), chunk_names, class_names,
+                        config.top_k, labels)
+                    if accuracy is not None:
+                        correct += round(accuracy * len(rows))
+                        labelled_rows += len(rows)
+                else:
+                    rows = [[name, done + row] for row, name in enumerate(chunk_names)]
+                if embeddings is not None:
+                    embeddings.add(outputs)
+                writer.writerows(row + [""] for row in rows)
+                done += len(rows)
+                if verbose and source.num_examples > CHUNK:
+                    log.info(f"{done}/{source.num_examples} images "
+                             f"({time.time() - started:.0f} s)")
+            ours = set(names)
+            skipped = {path: problem for path, problem in data.SKIPPED.items().items()
+                       if path in ours}
+            skipped.update({p.partition(" (")[0]: p.partition(" (")[2].rstrip(")")
+                            for p in source.skipped})
+            for path, problem in sorted(skipped.items()):
+                writer.writerow([path] + [""] * (len(header) - 1) + [problem])
+        if embeddings is not None:
+            embeddings.finish()
+    except BaseException:
+        if embeddings is not None:
+            embeddings.discard()
+        raise
+    summary = {"model": config.model, "kind": kind, "dataset": config.dataset,
+               "images": done, "unreadable": len(skipped), "precision": choice.policy,
+               "output": config.output, "wall_s": round(time.time() - started, 1)}
+    if labelled_rows:
+        summary["accuracy"] = correct / labelled_rows
     if config.embeddings:
-        with atomic_path(config.embeddings) as tmp:
-            np.save(tmp, outputs.astype(np.float32))
         summary["embeddings"] = config.embeddings
-        log.info(f"embeddings {outputs.shape} -> {config.embeddings}")
-    write_csv(config.output, header, rows, source.skipped)
-    summary["output"] = config.output
+        log.info(f"embeddings ({done}, {embeddings.width}) -> {config.embeddings}")
     shown = f", accuracy {summary['accuracy']:.4f}" if "accuracy" in summary else ""
-    log.info(f"{source.num_examples} images ({kind} {config.model}){shown} -> {config.output}"
-             + (f"; {len(source.skipped)} unreadable file(s) listed with their error"
-                if source.skipped else ""))
+    log.info(f"{done} images ({kind} {config.model}){shown} -> {config.output}"
+             + (f"; {len(skipped)} unreadable file(s) listed with their error"
+                if skipped else "") + f" ({summary['wall_s']} s)")
     return summary

@@ -82,12 +82,12 @@ def load_training_data(config: PretrainConfig):
     source, query or None)."""
     train_split, query_split = config.splits()
     source = data.load(config.dataset, train_split, config.data_dir,
-                       image_size=config.image_size, channels=config.channels)
+                       image_size=config.image_size, channels=config.channels, stream=True)
     config = dataclasses.replace(config, channels=source.image_shape[-1])
     query = None
     if source.labelled and query_split:
         query = data.load(config.dataset, query_split, config.data_dir,
-                          image_size=config.image_size, channels=config.channels)
+                          image_size=config.image_size, channels=config.channels, stream=True)
     return config, source, query
 
 
@@ -157,10 +157,16 @@ def knn_sets(config: PretrainConfig, source: data.Source, query: data.Source):
     a streaming source (a TFDS set), the first `knn_bank_size` images of
     each, read once at the start (said so)."""
     bank_size = min(config.knn_bank_size, source.num_examples)
-    if source.images is not None:
+    if source.images is not None or source.streams_files:
         bank_index = data.class_balanced_indices(
             source.labels, fraction=bank_size / source.num_examples, seed=config.seed)
-        return source.subset(bank_index), query
+        bank = data.to_memory(source.subset(bank_index), config.image_size)
+        if query.streams_files:
+            query = data.head(query, bank_size, config.image_size)
+            log.info(f"kNN monitor: a class-balanced {bank.num_examples} training images "
+                     f"and the first {query.num_examples} {query.split} images, decoded once "
+                     "(`knn_bank_size` sets both)")
+        return bank, query
     bank = data.head(source, bank_size, config.image_size)
     query = data.head(query, bank_size, config.image_size)
     log.info(f"kNN monitor: the first {bank.num_examples} training and {query.num_examples} "
@@ -189,8 +195,10 @@ def make_callbacks(config: PretrainConfig, model, manager, plan: Plan, run_dir: 
         # fit sets it too, but a finished run resumed at its last step never calls fit.
         knn.set_model(model)
         callbacks.append(knn)
-    if config.log_images and source.images is not None and run_dir.chief:
-        callbacks.append(ViewPairsToTensorBoard(source.images[:4], writer))
+    if config.log_images and run_dir.chief and (source.images is not None
+                                                 or source.streams_files):
+        callbacks.append(ViewPairsToTensorBoard(
+            data.head(source, 4, config.image_size).images, writer))
     callbacks.append(keras.callbacks.TensorBoard(log_dir, update_freq=max(1, plan.chunk // 4)))
     return guard, knn, callbacks
 
@@ -202,8 +210,16 @@ def fit(model, source: data.Source, config: PretrainConfig, plan: Plan, start_st
     if start_step >= plan.total_steps:
         return {}, 0.0
     started = time.time()
-    stream = data.training_stream(source, config.batch_size, seed=config.seed,
-                                  start_step=start_step, image_size=config.image_size)
+    if source.streams_files:
+        augmenter = model.augmenter
+        stream = data.view_stream(
+            source, config.batch_size, image_size=config.image_size, views=2,
+            crop_area=augmenter.crop_area, aspect_ratio=augmenter.aspect_ratio,
+            flip=augmenter.flip, seed=config.seed, start_step=start_step,
+            cache_dir=config.cache_dir or None, strategy=model.distribute_strategy)
+    else:
+        stream = data.training_stream(source, config.batch_size, seed=config.seed,
+                                      start_step=start_step, image_size=config.image_size)
     result = model.fit(stream, initial_epoch=start_step // plan.chunk,
                        epochs=math.ceil(plan.total_steps / plan.chunk),
                        steps_per_epoch=plan.chunk, callbacks=callbacks, shuffle=False,
@@ -303,6 +319,7 @@ def _pretrain(config: PretrainConfig, record: dict, verbose: int,
         "wall_s": round(time.time() - started, 2), "metrics": final,
         "model_dir": config.model_dir, "precision": config.precision, **record,
     }
+    summary.update(data.SKIPPED.summary())
     if run_dir.chief:
         artifacts.write_summary(config.model_dir, summary)
     shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(final.items()))

@@ -81,6 +81,10 @@ class SimCLRAugmenter(keras.layers.Layer):
             (float in [0, 1]) images with 1 or 3 channels.
         training: augment when true (default), preprocess for evaluation when
             false.
+        cropped: the images are random resized crops already, at
+            `image_size` (a folder streamed by `data.stream.view_stream`, which
+            crops the whole decoded image): only the steps after the crop
+            apply. Defaults to `False`.
 
     Returns:
         float32 images in [0, 1] of shape `(batch, *image_size, channels)`.
@@ -151,7 +155,7 @@ class SimCLRAugmenter(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         return (input_shape[0], *self.image_size, input_shape[-1])
 
-    def call(self, images, training=True):
+    def call(self, images, training=True, cropped=False):
         images = to_float_images(images)
         if images.shape.rank != 4:
             raise ValueError("SimCLRAugmenter expects a batch of images "
@@ -160,7 +164,13 @@ class SimCLRAugmenter(keras.layers.Layer):
         if not training:
             return center_crop_and_resize(images, self.image_size,
                                           self.eval_crop_fraction)
-        views = tf.clip_by_value(self._crop(images), 0.0, 1.0)
+        if cropped:
+            if tuple(images.shape[1:3]) != self.image_size:
+                raise ValueError(f"Expected cropped views of {self.image_size}. Received "
+                                 f"shape {images.shape}")
+            views = images
+        else:
+            views = tf.clip_by_value(self._crop(images), 0.0, 1.0)
         return self._apply_decisions(
             views, self._draw_decisions(tf.shape(images)[0], views.shape[-1]))
 

@@ -21,7 +21,9 @@ class Distiller(distribution.BuiltAtInit, keras.Model):
     cross-entropy -- of the same images' labels (`fit` on `(images,
     labels)`), or of a separate labelled batch (`fit` on `(images,
     (labelled_images, labels))`, as `distill` feeds it). The teacher is
-    frozen (BN in inference mode).
+    frozen (BN in inference mode). Views cropped by the input pipeline
+    (`{"view": ...}` batches of `data.stream.view_stream`) are used as
+    they come.
 
     Args:
         teacher: images in [0, 1] -> logits.
@@ -66,7 +68,7 @@ class Distiller(distribution.BuiltAtInit, keras.Model):
         labelled_images = None
         if isinstance(labels, (tuple, list)):  # a separate labelled batch
             labelled_images, labels = labels
-        views = self.augmenter(images, training=True)
+        views = self._views(images)
         teacher_logits = self.teacher(views, training=False)
         with tf.GradientTape() as tape:
             student_logits = ops.cast(self.student(views, training=True), "float32")
@@ -75,8 +77,7 @@ class Distiller(distribution.BuiltAtInit, keras.Model):
                 labelled_logits = student_logits
                 if labelled_images is not None:
                     labelled_logits = ops.cast(self.student(
-                        self.augmenter(labelled_images, training=True), training=True),
-                        "float32")
+                        self._views(labelled_images), training=True), "float32")
                 loss = loss + self.label_weight * ops.mean(
                     keras.losses.sparse_categorical_crossentropy(
                         labels, labelled_logits, from_logits=True))
@@ -87,6 +88,11 @@ class Distiller(distribution.BuiltAtInit, keras.Model):
         self.agreement.update_state(ops.cast(
             ops.argmax(student_logits, -1) == ops.argmax(teacher_logits, -1), "float32"))
         return distribution.step_logs({m.name: m.result() for m in self.metrics[:2]})
+
+    def _views(self, images):
+        if isinstance(images, dict):  # crops made by the input pipeline
+            return self.augmenter(images["view"], training=True, cropped=True)
+        return self.augmenter(images, training=True)
 
     def test_step(self, data):
         images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)

@@ -37,6 +37,11 @@ class SimCLR(distribution.BuiltAtInit, keras.Model):
     Call arguments:
         images: a batch of images (uint8 or float in [0, 1]).
 
+    `fit` also takes views cropped already, as `{"view1": ..., "view2": ...}`
+    batches at the augmenter's size (`data.stream.view_stream`, which crops
+    the whole decoded image of each file): the augmenter then applies the
+    steps after the crop.
+
     Returns:
         `call` returns the features h of the evaluation-preprocessed images,
         so `model.predict(images)` gives embeddings.
@@ -116,8 +121,12 @@ class SimCLR(distribution.BuiltAtInit, keras.Model):
                             training=training)
 
     def _contrastive_forward(self, images, training):
-        view1 = self.augmenter(images, training=True)
-        view2 = self.augmenter(images, training=True)
+        if isinstance(images, dict):  # two crops made by the input pipeline
+            view1 = self.augmenter(images["view1"], training=True, cropped=True)
+            view2 = self.augmenter(images["view2"], training=True, cropped=True)
+        else:
+            view1 = self.augmenter(images, training=True)
+            view2 = self.augmenter(images, training=True)
         h = self.encoder(ops.concatenate([view1, view2], axis=0),
                          training=training)
         z = self.projection_head(h, training=training)
@@ -164,7 +173,7 @@ class SimCLR(distribution.BuiltAtInit, keras.Model):
         self.loss_tracker.update_state(loss)
         self.accuracy_tracker.update_state(accuracy)
         if self.probe is not None and labels is not None:
-            h = self(images, training=False)
+            h = self(images["view1"] if isinstance(images, dict) else images, training=False)
             logits, probe_loss = self._probe_loss(h, labels, False)
             self.probe_loss_tracker.update_state(probe_loss)
             self.probe_accuracy_tracker.update_state(labels, logits)

@@ -26,6 +26,9 @@ PRIVATE_API = (
      "serving.export._ExportedFeatures overrides it to give weights names optimisers accept"),
     ("keras.layers.Layer", "_track_variable",
      "serving.export._ExportedFeatures: tracks those weights"),
+    ("keras.layers.Layer", "_flatten_layers",
+     "runtime.precision.recast: every layer inside a model, nested custom layers "
+     "included (Model.layers lists only the top level)"),
     ("keras.optimizers.Optimizer", "_var_key",
      "method.optim.LARS: Keras' identity of a variable, the one update_step receives"),
     ("keras.optimizers.Optimizer", "_get_variable_index",
@@ -109,6 +112,11 @@ def distribute_strategy_of(model: keras.Model):
 def track_variable(layer: keras.layers.Layer, variable) -> None:
     """Makes `layer` own `variable` (its weights, checkpoints, optimisers)."""
     layer._track_variable(variable)
+
+
+def all_layers(model: keras.layers.Layer) -> list:
+    """Every layer inside `model`, recursively (not `model` itself)."""
+    return list(model._flatten_layers(include_self=False, recursive=True))
 
 
 # Keras' names for its global seed state (keras.src.utils.rng_utils and

@@ -22,6 +22,8 @@ import os
 
 import keras
 
+from contrastive_tf.runtime import compat
+
 from contrastive_tf.runtime import progress
 
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
@@ -167,3 +169,21 @@ def precision_of(model: keras.Model) -> str:
             return name
         stack.extend(getattr(layer, "layers", []))
     return "float32"
+
+
+def recast(model: keras.Model, policy: str) -> keras.Model:
+    """Makes a built (or loaded) model compute in `policy`, in place, and
+    returns it: a model keeps the policy it was saved in, which must not
+    decide the next job's precision (an encoder pretrained in bf16 on one
+    machine would run emulated bf16 on a CPU without it). The layer that
+    computes each (sub)model's single output keeps its own policy (the
+    float32 features h and logits); weights are untouched (Keras keeps them
+    in float32 under every mixed policy)."""
+    if policy == "auto":
+        raise ValueError("recast needs a concrete policy; resolve 'auto' first")
+    outputs = {id(layer.layers[-1]) for layer in [model, *compat.all_layers(model)]
+               if isinstance(layer, keras.Model) and len(layer.outputs) == 1 and layer.layers}
+    for layer in [model, *compat.all_layers(model)]:
+        if id(layer) not in outputs and layer.dtype_policy.name != policy:
+            layer.dtype_policy = policy
+    return model

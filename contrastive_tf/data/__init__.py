@@ -28,7 +28,7 @@ from contrastive_tf.data.builtin import (DEBIAN_FASHION_MNIST_DIR, EMBEDDED_PATH
                                          FASHION_MNIST_CLASSES, load_embedded,
                                          load_fashion_mnist, load_tfds, read_fashion_mnist_dir,
                                          read_idx)
-from contrastive_tf.data.convert import conform, head, square_resize, to_memory
+from contrastive_tf.data.convert import conform, conversion_note, head, square_resize, to_memory
 from contrastive_tf.data.folders import (IMAGE_EXTENSIONS, SPLIT_FOLDERS, infer_channels,
                                          list_folder, load_folder, split_folders)
 from contrastive_tf.data.labels import (class_balanced_indices, match_classes, validation_split,
@@ -41,7 +41,7 @@ from contrastive_tf.data.stream import eval_stream, view_stream
 
 __all__ = [
     "DEBIAN_FASHION_MNIST_DIR", "EMBEDDED_PATH", "FASHION_MNIST_CLASSES", "IMAGE_EXTENSIONS",
-    "SKIPPED", "SPLIT_FOLDERS", "DataError", "eval_stream", "view_stream", "Source", "class_balanced_indices", "conform",
+    "SKIPPED", "SPLIT_FOLDERS", "DataError", "eval_stream", "view_stream", "Source", "class_balanced_indices", "conform", "conversion_note",
     "from_arrays", "head", "infer_channels", "list_folder", "load", "load_embedded",
     "load_fashion_mnist", "load_folder", "load_images", "load_labelled", "load_tfds",
     "load_whole", "match_classes", "pipeline",

@@ -84,11 +84,9 @@ def conform(source: Source, image_size: int, channels: int) -> tuple[Source, str
     if channels not in (1, 3):
         raise ValueError(f"Expected channels 1 or 3 (the model's). Received: channels={channels}")
     if source.streams_files:
-        note = None
-        if source.channels != channels:
-            note = (f"{source.spec}: its files are decoded as {'RGB' if channels == 3 else 'gray'}"
-                    " images, as the model was trained")
-        return dataclasses.replace(source, image_size=image_size, channels=channels), note
+        # What was converted is known once the files have been read
+        # (`conversion_note`).
+        return dataclasses.replace(source, image_size=image_size, channels=channels), None
     source = to_memory(source, image_size)
     height, width, have = source.images.shape[1:]
     if (height, width, have) == (image_size, image_size, channels):
@@ -108,6 +106,15 @@ def conform(source: Source, image_size: int, channels: int) -> tuple[Source, str
             f"{height}x{width}x{have} to {image_size}x{image_size}x{channels}, as the "
             "model was trained")
     return dataclasses.replace(source, images=images), note
+
+
+def conversion_note(source: Source, count: int) -> str | None:
+    """For a folder read file by file, after `count` of its evaluation
+    images have streamed: what decoding them at the model's size and
+    channels changed in its files, or None."""
+    return _files_note(dataclasses.replace(
+        source, stored_shapes=stream.STORED_SHAPES.of(source.spec), num_examples=count),
+        source.image_size, source.channels)
 
 
 def _files_note(source: Source, image_size: int, channels: int) -> str | None:

@@ -209,6 +209,27 @@ class ImageStore:
                 "in memory for later epochs")
 
 
+class StoredShapes:
+    """The (width, height, channels) the files of each folder had as stored,
+    seen while they streamed (a few distinct values per folder), so a job
+    can say afterwards what it converted."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._seen: dict[str, set] = {}
+
+    def add(self, spec: str, shape: tuple) -> None:
+        with self._lock:
+            self._seen.setdefault(spec, set()).add(tuple(shape))
+
+    def of(self, spec: str) -> frozenset:
+        with self._lock:
+            return frozenset(self._seen.get(spec, ()))
+
+
+STORED_SHAPES = StoredShapes()
+
+
 def _skip(path: str, error: Exception) -> None:
     if decode.SKIPPED.add(path, f"{type(error).__name__}: {error}"):
         log.warning(f"skipped {path}: cannot decode it ({type(error).__name__}: {error}); "
@@ -225,7 +246,8 @@ def _options() -> tf.data.Options:
 def view_stream(source: Source, batch_size: int, *, image_size: int, views: int = 2,
                 crop_area=(0.08, 1.0), aspect_ratio=(3 / 4, 4 / 3), flip: bool = True,
                 seed: int = 0, start_step: int = 0, with_labels: bool = False,
-                cache_dir: str | None = None, strategy: tf.distribute.Strategy | None = None):
+                cache_dir: str | None = None, strategy: tf.distribute.Strategy | None = None,
+                transform=None):
     """An endless stream of training batches of a folder read file by file.
 
     Elements are `{"view1": ..., "view2": ...}` (`views=2`, SimCLR's pair)
@@ -237,7 +259,9 @@ def view_stream(source: Source, batch_size: int, *, image_size: int, views: int 
     after `start_step` are those an uninterrupted run sees. Under a
     multi-worker strategy each worker decodes only its share of every epoch
     (a `tf.distribute.DistributedDataset` is returned); `batch_size` is the
-    global batch.
+    global batch. `transform(dataset, worker, workers)`, if given, is
+    applied to each worker's batched dataset before it is distributed (to
+    reshape elements, or zip another stream of the worker's batch size).
     """
     if not source.streams_files:
         raise DataError(f"{source.spec}: view_stream needs a folder read file by file")
@@ -291,6 +315,8 @@ def view_stream(source: Source, batch_size: int, *, image_size: int, views: int 
                    .filter(lambda value, ok: ok)
                    .map(lambda value, ok: value)
                    .batch(local_batch, drop_remainder=True))
+        if transform is not None:
+            dataset = transform(dataset, worker, workers)
         return dataset.with_options(_options()).prefetch(2)
 
     log.info(f"{source.spec}: streaming {count} files, random resized crops of the whole "
@@ -304,6 +330,9 @@ def view_stream(source: Source, batch_size: int, *, image_size: int, views: int 
                         f"{strategy.num_replicas_in_sync} replicas")
 
     def dataset_fn(context: tf.distribute.InputContext):
+        log.info(f"worker {context.input_pipeline_id} of {context.num_input_pipelines}: "
+                 f"decodes its {steps_per_epoch * batch_size // context.num_input_pipelines} "
+                 "files of every epoch")
         return per_worker(context.num_input_pipelines, context.input_pipeline_id,
                           context.get_per_replica_batch_size(batch_size))
 
@@ -333,7 +362,9 @@ def eval_stream(source: Source, batch_size: int, *, with_labels: bool | None = N
     def load(index):
         index = int(index)
         try:
-            return decode.square_image(source.paths[index], size, channels)[0], True
+            image, stored = decode.square_image(source.paths[index], size, channels)
+            STORED_SHAPES.add(source.spec, stored)
+            return image, True
         except Exception as error:  # Pillow raises many types for bad files
             _skip(source.paths[index], error)
             return np.zeros((size, size, channels), np.uint8), False

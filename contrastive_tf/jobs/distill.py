@@ -56,18 +56,33 @@ def distill(teacher: keras.Model, student: keras.Model, pool: data.Source, *,
         optim.exclude_from_decay(optimizer, student.trainable_variables)
         distiller.compile(optimizer=precision.loss_scaled(optimizer, policy))
 
-    def stream_of(source, size, with_labels):
-        if source.streams_files:
-            return data.view_stream(
-                source, size, image_size=image_size, views=1, crop_area=augmenter.crop_area,
-                aspect_ratio=augmenter.aspect_ratio, seed=seed, with_labels=with_labels,
-                cache_dir=cache_dir, strategy=strategy)
-        return data.training_stream(source, size, seed=seed, with_labels=with_labels)
+    unlabelled = dataclasses.replace(pool, labels=None)
+    labelled_batch = 0 if labelled is None or not label_weight else min(
+        batch_size, labelled.num_examples)
 
-    stream = stream_of(dataclasses.replace(pool, labels=None), batch_size, False)
-    if labelled is not None and label_weight > 0:
-        labelled_stream = stream_of(labelled, min(batch_size, labelled.num_examples), True)
-        stream = tf.data.Dataset.zip(stream, labelled_stream)
+    def labelled_stream(workers: int = 1, worker: int = 0) -> tf.data.Dataset:
+        # This worker's share of the labelled batch, drawn with its own seed.
+        if labelled.streams_files:
+            return data.view_stream(
+                labelled, labelled_batch // workers, image_size=image_size, views=1,
+                crop_area=augmenter.crop_area, aspect_ratio=augmenter.aspect_ratio,
+                seed=seed + worker, with_labels=True, strategy=tf.distribute.get_strategy())
+        return data.training_stream(labelled, labelled_batch // workers, seed=seed + worker,
+                                    with_labels=True)
+
+    def with_labelled(dataset, worker, workers):
+        return tf.data.Dataset.zip(dataset, labelled_stream(workers, worker))
+
+    if pool.streams_files:
+        stream = data.view_stream(
+            unlabelled, batch_size, image_size=image_size, views=1,
+            crop_area=augmenter.crop_area, aspect_ratio=augmenter.aspect_ratio, seed=seed,
+            cache_dir=cache_dir, strategy=strategy,
+            transform=with_labelled if labelled_batch else None)
+    else:
+        stream = data.training_stream(unlabelled, batch_size, seed=seed)
+        if labelled_batch:
+            stream = tf.data.Dataset.zip(stream, labelled_stream())
     distiller.fit(stream, steps_per_epoch=steps, epochs=epochs, verbose=verbose,
                   callbacks=callbacks, shuffle=False)
     return student
@@ -105,7 +120,9 @@ def run_distill(config: DistillConfig, verbose: int = 1) -> dict:
     started = time.time()
     # The strategy first: a multi-worker one must exist before TensorFlow's runtime starts.
     strategy = distribution.make_strategy(config.strategy)
-    artifacts.claim_output_dir(config.output_dir, "distill", config.to_dict())
+    chief = distribution.is_chief(strategy)  # the one worker that writes the outputs
+    if chief:
+        artifacts.claim_output_dir(config.output_dir, "distill", config.to_dict())
     choice = precision.resolve(config.precision)
     with strategy.scope():
         teacher, class_names = artifacts.load_classifier(config.teacher)
@@ -136,7 +153,7 @@ def run_distill(config: DistillConfig, verbose: int = 1) -> dict:
                 crop_min_area=config.crop_min_area, weight_decay=config.weight_decay,
                 policy=policy, seed=config.seed, verbose=2 if verbose else 0,
                 cache_dir=config.cache_dir or None, strategy=strategy)
-    if distribution.is_chief(strategy):
+    if chief:
         artifacts.save_classifier(student, class_names, config.output_dir)
     summary = {"job": "distill", "teacher": config.teacher, "dataset": config.dataset,
                "num_images": pool.num_examples, "student": described, "precision": policy,
@@ -149,7 +166,7 @@ def run_distill(config: DistillConfig, verbose: int = 1) -> dict:
         log.info(f"test accuracy: student {summary['test_accuracy']:.4f}, teacher "
                  f"{summary['teacher_test_accuracy']:.4f}")
     summary["wall_s"] = round(time.time() - started, 1)
-    if distribution.is_chief(strategy):
+    if chief:
         artifacts.write_summary(config.output_dir, summary)
     log.info(f"done: classifier.keras, class_names.json and summary.json in {config.output_dir} "
              f"({summary['wall_s']} s)")

@@ -23,7 +23,7 @@ from contrastive_tf.jobs.config import FinetuneConfig
 from contrastive_tf.jobs.models import classifier_parts
 from contrastive_tf.method import optim
 from contrastive_tf.method.augment import finetune_augmenter
-from contrastive_tf.method.classifier import KeepBestEpoch, build_classifier
+from contrastive_tf.method.classifier import ClassifierTrainer, KeepBestEpoch, build_classifier
 from contrastive_tf.runs import artifacts
 from contrastive_tf.runtime import distribution, precision, progress, seeds
 
@@ -36,29 +36,6 @@ class FinetuneResult:
     val_accuracy: float
     epochs_run: int
     best_epoch: int
-
-
-def _trainer(classifier: keras.Model, augmenter: keras.layers.Layer) -> keras.Model:
-    # Any image size: the augmenter crops and resizes to the classifier's input.
-    channels = classifier.input.shape[-1]
-    inputs = keras.Input((None, None, channels), dtype="uint8", name="images")
-    return keras.Model(inputs, classifier(augmenter(inputs)), name="trainer")
-
-
-def _view_trainer(classifier: keras.Model) -> keras.Model:
-    # Views cropped by the input pipeline (a folder read file by file), as
-    # float images in [0, 1]: `{"view": ...}` batches.
-    view = keras.Input(classifier.input.shape[1:], dtype="float32", name="view")
-    return keras.Model({"view": view}, classifier(view), name="view_trainer")
-
-
-def _stream_views(dataset, augmenter=None):
-    """`{"view": float image}` batches for `_view_trainer`: training views
-    as they come (uint8 -> [0, 1]); evaluation images through `augmenter`'s
-    evaluation preprocessing, as the in-memory trainer applies it."""
-    if augmenter is None:
-        return dataset.map(lambda x, y: ({"view": tf.cast(x["view"], tf.float32) / 255.0}, y))
-    return dataset.map(lambda x, y: ({"view": augmenter(x, training=False)}, y))
 
 
 def train_classifier(classifier: keras.Model, train: data.Source,
@@ -100,21 +77,17 @@ def train_classifier(classifier: keras.Model, train: data.Source,
         batch_size = min(batch_size, train.num_examples)
         steps = max(train.num_examples // batch_size, min_steps, 1)
         with strategy.scope(), precision.policy_scope(policy):
-            trainer = (_view_trainer(classifier) if train.streams_files
-                       else _trainer(classifier, augmenter))
+            trainer = ClassifierTrainer(classifier, augmenter)
             schedule = optim.WarmupCosine(learning_rate, steps, steps * epochs)
             optimizer = optim.make_optimizer(optimizer, schedule, weight_decay)
             optim.exclude_from_decay(optimizer, trainer.trainable_variables)
-            trainer.compile(optimizer=precision.loss_scaled(optimizer, policy),
-                            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                            metrics=["accuracy"])
+            trainer.compile(optimizer=precision.loss_scaled(optimizer, policy))
         val_data = data.pipeline(val, 512, training=False)
         if train.streams_files:
-            stream = _stream_views(data.view_stream(
+            stream = data.view_stream(
                 train, batch_size, image_size=image_size, views=1,
                 crop_area=augmenter.crop_area, aspect_ratio=augmenter.aspect_ratio,
-                seed=seed, with_labels=True, strategy=strategy))
-            val_data = _stream_views(val_data, augmenter)
+                seed=seed, with_labels=True, strategy=strategy)
         else:
             stream = data.training_stream(train, batch_size, seed=seed, with_labels=True)
         keeper = KeepBestEpoch(patience)
@@ -130,16 +103,15 @@ def train_classifier(classifier: keras.Model, train: data.Source,
 def evaluate_classifier(classifier: keras.Model, source: data.Source) -> float:
     """Accuracy of a float-input classifier on uint8 images (evaluation
     preprocessing: centre crop above 32 px, resize)."""
-    evaluator = _trainer(classifier, finetune_augmenter(int(classifier.input.shape[1])))
-    evaluator.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                      metrics=["accuracy"])
+    evaluator = ClassifierTrainer(classifier, finetune_augmenter(int(classifier.input.shape[1])))
+    evaluator.compile()
     return float(evaluator.evaluate(data.pipeline(source, 512, training=False), verbose=0,
                                     return_dict=True)["accuracy"])
 
 
 # -- the fine-tuning job: a pretrained encoder and a labelled set you have ------
 
-def finetune_data(config: FinetuneConfig, size: int, channels: int):
+def finetune_data(config: FinetuneConfig, size: int, channels: int, write: bool = True):
     """The fine-tuning job's labelled images (or their class-balanced
     subset, written to labelled_subset.json), split into training and
     validation, and the optional test set; returns (labelled, train, val,
@@ -149,10 +121,11 @@ def finetune_data(config: FinetuneConfig, size: int, channels: int):
         chosen = data.class_balanced_indices(
             labelled.labels, fraction=config.label_fraction or None,
             per_class=config.labels_per_class or None, seed=config.seed)
-        data.write_indices(os.path.join(config.output_dir, artifacts.LABELLED_SUBSET), chosen,
-                           dataset=config.dataset, seed=config.seed,
-                           labels_per_class=config.labels_per_class,
-                           label_fraction=config.label_fraction)
+        if write:
+            data.write_indices(os.path.join(config.output_dir, artifacts.LABELLED_SUBSET),
+                               chosen, dataset=config.dataset, seed=config.seed,
+                               labels_per_class=config.labels_per_class,
+                               label_fraction=config.label_fraction)
         log.info(f"kept a class-balanced subset of {len(chosen)} of the {labelled.num_examples} "
                  "labelled images (labelled_subset.json)")
         labelled = labelled.subset(chosen)
@@ -175,12 +148,14 @@ def run_finetune(config: FinetuneConfig, verbose: int = 1) -> dict:
     started = time.time()
     # The strategy first: a multi-worker one must exist before TensorFlow's runtime starts.
     strategy = distribution.make_strategy(config.strategy)
-    artifacts.claim_output_dir(config.output_dir, "finetune", config.to_dict())
+    chief = distribution.is_chief(strategy)  # the one worker that writes the outputs
+    if chief:
+        artifacts.claim_output_dir(config.output_dir, "finetune", config.to_dict())
     policy = precision.resolve(config.precision).policy
     with strategy.scope():
         pretrained = artifacts.load_pretrained(config.encoder)
     labelled, train, val, test = finetune_data(config, pretrained.image_size,
-                                               pretrained.channels)
+                                               pretrained.channels, write=chief)
     encoder, head = classifier_parts(pretrained, config.from_layer)
     with seeds.seeded(config.seed), strategy.scope(), precision.policy_scope(policy):
         classifier = precision.recast(build_classifier(encoder, labelled.num_classes, head),
@@ -193,7 +168,7 @@ def run_finetune(config: FinetuneConfig, verbose: int = 1) -> dict:
         learning_rate=config.learning_rate, weight_decay=config.weight_decay,
         crop_min_area=config.crop_min_area, min_steps=config.min_steps, seed=config.seed,
         policy=policy, verbose=2 if verbose else 0, strategy=strategy)
-    if distribution.is_chief(strategy):
+    if chief:
         artifacts.save_classifier(classifier, labelled.class_names, config.output_dir)
     summary = {"job": "finetune", "encoder": config.encoder, "dataset": config.dataset,
                "num_labelled": labelled.num_examples, "num_train": train.num_examples,
@@ -204,7 +179,7 @@ def run_finetune(config: FinetuneConfig, verbose: int = 1) -> dict:
     if test is not None:
         summary.update(test_accuracy=result.test_accuracy, num_test=test.num_examples,
                        test_dataset=config.test_dataset)
-    if distribution.is_chief(strategy):
+    if chief:
         artifacts.write_summary(config.output_dir, summary)
     shown = f", test {result.test_accuracy:.4f}" if test is not None else ""
     log.info(f"done: validation {result.val_accuracy:.4f} (best epoch {result.best_epoch}/"

@@ -27,8 +27,8 @@ from contrastive_tf.jobs.config import PipelineConfig
 from contrastive_tf.jobs.distill import distill
 from contrastive_tf.jobs.finetune import evaluate_classifier, train_classifier
 from contrastive_tf.jobs.models import build_student, classifier_parts, fresh_encoder_and_head
-from contrastive_tf.jobs.pipeline_data import (PipelineData, Results, column_key, column_name,
-                                               prepare_data)
+from contrastive_tf.jobs.pipeline_data import (PipelineData, Results, check_pipeline_data,
+                                               column_key, column_name, prepare_data)
 from contrastive_tf.jobs.pretrain import pretrain
 from contrastive_tf.method import evaluation
 from contrastive_tf.method.classifier import build_classifier
@@ -253,6 +253,7 @@ def run_pipeline(config: PipelineConfig) -> dict:
     started, timings, out = time.time(), {}, config.output_dir
     os.makedirs(out, exist_ok=True)
     write_json(os.path.join(out, artifacts.PIPELINE_CONFIG), config.to_dict())
+    check_pipeline_data(config)
     summary, model, pre = pretrain_stage(config, timings)
     _stage("data", "the labelled sets, validation, test and the unlabelled pool")
     pdata = prepare_data(dataclasses.replace(config, pretrain=dataclasses.replace(

@@ -52,6 +52,8 @@ def labelled_splits(config: PipelineConfig, draw: int = 0) -> Splits:
                      image_size=pre.image_size, channels=pre.channels)
     test = data.load(pre.dataset, pre.eval_split or "test", pre.data_dir,
                      image_size=pre.image_size, channels=full.image_shape[-1])
+    check_protocol_fits(full, pre.image_size)
+    full, test = data.to_memory(full, pre.image_size), data.to_memory(test, pre.image_size)
     if not full.labelled:
         raise data.DataError(f"{pre.dataset}: the pipeline needs labels for its "
                              "labelled subsets and evaluation (or give `labelled_dataset` "
@@ -68,6 +70,41 @@ def labelled_splits(config: PipelineConfig, draw: int = 0) -> Splits:
         subsets[fraction] = pool.subset(chosen[fraction])
     subsets[1.0] = pool
     return Splits(full, test, val, pool, pool_index, chosen, subsets)
+
+
+# The benchmark protocol (label fractions of one labelled set) holds that set
+# in memory at the training size; a streaming set (TFDS) larger than this is
+# refused before pretraining.
+PROTOCOL_MEMORY_BYTES = 4 << 30
+
+
+def check_protocol_fits(source: data.Source, image_size: int) -> None:
+    """Raises DataError when the label-fraction protocol cannot hold
+    `source` at `image_size`, saying what to do instead."""
+    channels = source.image_shape[-1] or 3
+    needed = source.num_examples * image_size * image_size * channels
+    if source.images is None and needed > PROTOCOL_MEMORY_BYTES:
+        raise data.DataError(
+            f"{source.spec}: the label-fraction protocol holds its {source.num_examples} "
+            f"images in memory at {image_size} px ({needed / 2 ** 30:.1f} GB, over the "
+            f"{PROTOCOL_MEMORY_BYTES / 2 ** 30:.0f} GB this job allows): give your labelled "
+            "images as --labelled_dataset and --test_dataset (folders) and this set as "
+            "--unlabelled_dataset, which streams")
+
+
+def check_pipeline_data(config: PipelineConfig) -> None:
+    """What `prepare_data` will need, checked before pretraining starts:
+    the datasets exist, and a label-fraction protocol set fits in memory."""
+    pre = config.pretrain
+    if config.labelled_dataset:
+        return
+    full = data.load(pre.dataset, pre.train_split or "train", pre.data_dir,
+                     image_size=pre.image_size, channels=pre.channels, stream=True)
+    if not full.labelled:
+        raise data.DataError(f"{pre.dataset}: the pipeline needs labels for its "
+                             "labelled subsets and evaluation (or give `labelled_dataset` "
+                             "and `test_dataset`)")
+    check_protocol_fits(full, pre.image_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,12 +135,13 @@ def prepare_data(config: PipelineConfig, pre, size: int, channels: int) -> Pipel
     labelled subsets of the benchmark protocol to labelled_<f>[_draw<k>].json."""
     out = config.output_dir
     if config.labelled_dataset:
-        labelled = data.load_labelled(config.labelled_dataset, "train", size, channels,
-                                      pre.data_dir)
+        # Labelled sets are held (they are what a user has few of); the pool streams.
+        labelled = data.to_memory(data.load_labelled(config.labelled_dataset, "train", size,
+                                                     channels, pre.data_dir), size)
         train, val, note = data.validation_split(labelled, config.val_fraction,
                                                  config.seed)
-        test = data.match_classes(data.load_labelled(
-            config.test_dataset, "test", size, channels, pre.data_dir),
+        test = data.match_classes(data.to_memory(data.load_labelled(
+            config.test_dataset, "test", size, channels, pre.data_dir), size),
             labelled.class_names)
         pool = data.load_images(pre.dataset, "train", size, channels, pre.data_dir)
         column = f"{labelled.num_examples} labels"

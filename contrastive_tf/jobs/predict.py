@@ -187,6 +187,9 @@ def run_predict(config: PredictConfig, verbose: int = 1) -> dict:
         if embeddings is not None:
             embeddings.discard()
         raise
+    note = data.conversion_note(source, done) if source.streams_files else None
+    if note:
+        log.info(note)
     summary = {"model": config.model, "kind": kind, "dataset": config.dataset,
                "images": done, "unreadable": len(skipped), "precision": choice.policy,
                "output": config.output, "wall_s": round(time.time() - started, 1)}

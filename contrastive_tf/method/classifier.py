@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import keras
 import tensorflow as tf
+from keras import ops
+
+from contrastive_tf.runtime import distribution
 
 
 @keras.saving.register_keras_serializable(package="contrastive_tf")
@@ -46,6 +49,85 @@ def build_classifier(encoder: keras.Model, num_classes: int,
         features = projection_head.finetune_features(features)
     logits = keras.layers.Dense(num_classes, dtype="float32", name="logits")(features)
     return keras.Model(inputs, logits, name=name)
+
+
+@keras.saving.register_keras_serializable(package="contrastive_tf")
+class ClassifierTrainer(distribution.BuiltAtInit, keras.Model):
+    """Trains a classifier on augmented views of uint8 images.
+
+    `fit` takes `(images, labels)` batches of images of any size (the
+    augmenter crops them, e.g. `finetune_augmenter`'s crop + flip) or of
+    `{"view": ...}` views the input pipeline cropped already
+    (`data.view_stream`); evaluation and `call` use the augmenter's
+    evaluation preprocessing. Loss: the mean sparse cross-entropy of the
+    logits, over the global batch. Weights are the classifier's, shared.
+
+    Args:
+        classifier: images in [0, 1] -> logits (`build_classifier`).
+        augmenter: view layer with a `cropped` call argument
+            (`SimCLRAugmenter`).
+
+    Metrics:
+        `loss`, `accuracy`.
+    """
+
+    def __init__(self, classifier: keras.Model, augmenter: keras.layers.Layer, **kwargs):
+        super().__init__(**kwargs)
+        self.classifier, self.augmenter = classifier, augmenter
+        self.built = True
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+
+    @property
+    def metrics(self):
+        return [self.loss_tracker, self.accuracy]
+
+    def call(self, images, training=False):
+        return self.classifier(self.augmenter(images, training=False), training=training)
+
+    def _views(self, images):
+        if isinstance(images, dict):  # crops made by the input pipeline
+            return self.augmenter(images["view"], training=True, cropped=True)
+        return self.augmenter(images, training=True)
+
+    def _loss(self, labels, logits):
+        return ops.mean(keras.losses.sparse_categorical_crossentropy(
+            labels, logits, from_logits=True))
+
+    def train_step(self, data):
+        images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
+        views = self._views(images)
+        with tf.GradientTape() as tape:
+            logits = ops.cast(self.classifier(views, training=True), "float32")
+            loss = self._loss(labels, logits)
+            total = loss + (ops.cast(ops.sum(self.losses), "float32") if self.losses else 0.0)
+            scaled = self.optimizer.scale_loss(distribution.scale_loss_for_replicas(total))
+        variables = self.trainable_variables
+        self.optimizer.apply(tape.gradient(scaled, variables), variables)
+        self.loss_tracker.update_state(loss)
+        self.accuracy.update_state(labels, logits)
+        return distribution.step_logs({m.name: m.result() for m in self.metrics})
+
+    def test_step(self, data):
+        images, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
+        logits = ops.cast(self(images, training=False), "float32")
+        self.loss_tracker.update_state(self._loss(labels, logits))
+        self.accuracy.update_state(labels, logits)
+        return distribution.step_logs({m.name: m.result() for m in self.metrics})
+
+    def get_config(self):
+        config = super().get_config()
+        serialize = keras.saving.serialize_keras_object
+        config.update({"classifier": serialize(self.classifier),
+                       "augmenter": serialize(self.augmenter)})
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        for key in ("classifier", "augmenter"):
+            config[key] = keras.saving.deserialize_keras_object(config[key])
+        return cls(**config)
 
 
 class KeepBestEpoch(keras.callbacks.Callback):

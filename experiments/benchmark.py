@@ -47,6 +47,9 @@ STEPS = {
     "r18_b128_32px_bf16": (18, 32, 128, "mixed_bfloat16", 64),
     "r50_b64_64px_bf16": (50, 64, 64, "mixed_bfloat16", 64),
     "r50_b8_224px_bf16": (50, 224, 8, "mixed_bfloat16", 64),
+    # The demo model on 224 px photos (the large-folder figures).
+    "demo_r18w16_b64_224px_bf16": (18, 224, 64, "mixed_bfloat16", 16),
+    "demo_r18w16_b64_224px_fp32": (18, 224, 64, "float32", 16),
 }
 # Where the step time goes: one 3x3 convolution (+ BN + ReLU) at the shape
 # of each ResNet-18 stage at 32 px, batch 128 (256 views), per precision.

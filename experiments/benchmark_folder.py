@@ -31,6 +31,11 @@ flags.DEFINE_string("precision", "auto", "Pretraining precision.")
 flags.DEFINE_bool("input_only", False, "Also measure the input pipeline alone.")
 flags.DEFINE_string("cache_dir", "", "With --input_only: also measure reading from this cache.")
 flags.DEFINE_bool("predict", False, "Also run experiments.predict over each folder.")
+flags.DEFINE_list("epoch_sizes", [], "Also time training epochs of the demo model at these "
+                  "image sizes: the in-memory path (the folder decoded into arrays first) "
+                  "against streaming with no store, the memory store and the decoded cache "
+                  "(--cache_dir), on the first folder.")
+flags.DEFINE_integer("epochs", 3, "With --epoch_sizes: epochs per path (all but the first timed).")
 flags.mark_flag_as_required("folders")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,6 +78,53 @@ def _input_rate(folder: str, cache_dir: str | None, batches: int = 20) -> float:
     return batches * FLAGS.batch_size / (time.time() - started)
 
 
+class _EpochTimes:
+    def __init__(self):
+        import keras
+
+        class Callback(keras.callbacks.Callback):
+            def on_epoch_begin(inner, epoch, logs=None):
+                inner.started = time.time()
+
+            def on_epoch_end(inner, epoch, logs=None):
+                self.times.append(time.time() - inner.started)
+
+        self.times, self.callback = [], Callback()
+
+
+def _epochs(folder: str, size: int, path: str) -> list[float]:
+    """Seconds per training epoch of the demo model at `size` on `folder`
+    through `path`: "memory", "stream" (nothing kept), "store" (memory
+    store) or "cache" (decoded cache in --cache_dir)."""
+    import keras
+    from contrastive_tf import data
+    from contrastive_tf.jobs.config import PretrainConfig
+    from contrastive_tf.jobs.models import build_simclr
+    from contrastive_tf.method import optim
+    from contrastive_tf.runtime import precision
+    config = PretrainConfig(model_dir="-", image_size=size, channels=3, depth=18,
+                            base_width=16, projection_layers=2, projection_dim=64,
+                            temperature=0.2, crop_min_area=0.2, batch_size=FLAGS.batch_size)
+    policy = precision.choose(FLAGS.precision).policy
+    with precision.policy_scope(policy):
+        keras.utils.set_random_seed(0)
+        model = build_simclr(config)
+        model.compile(optimizer=optim.make_optimizer("lars", 0.5, 1e-6))
+    if path == "memory":
+        source = data.load_folder(folder, size, 3)
+        stream = data.training_stream(source, FLAGS.batch_size)
+    else:
+        source = data.load(f"folder:{folder}", "all", image_size=size, stream=True)
+        stream = data.view_stream(
+            source, FLAGS.batch_size, image_size=size, crop_area=(0.2, 1.0),
+            cache_dir=FLAGS.cache_dir if path == "cache" else None,
+            memory_budget=0 if path == "stream" else data.stream.MEMORY_BUDGET_BYTES)
+    timer = _EpochTimes()
+    model.fit(stream, steps_per_epoch=source.num_examples // FLAGS.batch_size,
+              epochs=FLAGS.epochs, verbose=0, callbacks=[timer.callback])
+    return timer.times
+
+
 def main(argv):
     del argv
     from contrastive_tf.runtime import precision
@@ -96,6 +148,14 @@ def main(argv):
             if FLAGS.cache_dir:
                 line += f", {_input_rate(folder, FLAGS.cache_dir):.0f} pairs/s from the cache"
             print(line, flush=True)
+    for size in FLAGS.epoch_sizes:
+        times = {path: _epochs(FLAGS.folders[0], int(size), path)
+                 for path in ("memory", "stream", "store", "cache")}
+        later = {path: sum(t[1:]) / len(t[1:]) for path, t in times.items()}
+        print(f"epochs at {size} px on {FLAGS.folders[0]}: " + "; ".join(
+            f"{path} first {t[0]:.1f} s, later {later[path]:.1f} s "
+            f"({later[path] / later['memory']:.2f}x memory)" for path, t in times.items()),
+            flush=True)
     if FLAGS.predict:
         for folder in FLAGS.folders:
             with tempfile.TemporaryDirectory() as work:

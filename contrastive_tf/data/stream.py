@@ -247,7 +247,7 @@ def view_stream(source: Source, batch_size: int, *, image_size: int, views: int 
                 crop_area=(0.08, 1.0), aspect_ratio=(3 / 4, 4 / 3), flip: bool = True,
                 seed: int = 0, start_step: int = 0, with_labels: bool = False,
                 cache_dir: str | None = None, strategy: tf.distribute.Strategy | None = None,
-                transform=None):
+                transform=None, memory_budget: int = MEMORY_BUDGET_BYTES):
     """An endless stream of training batches of a folder read file by file.
 
     Elements are `{"view1": ..., "view2": ...}` (`views=2`, SimCLR's pair)
@@ -259,7 +259,8 @@ def view_stream(source: Source, batch_size: int, *, image_size: int, views: int 
     after `start_step` are those an uninterrupted run sees. Under a
     multi-worker strategy each worker decodes only its share of every epoch
     (a `tf.distribute.DistributedDataset` is returned); `batch_size` is the
-    global batch. `transform(dataset, worker, workers)`, if given, is
+    global batch. Decoded images are kept for later epochs in `cache_dir`
+    or, up to `memory_budget` bytes, in memory (`ImageStore`). `transform(dataset, worker, workers)`, if given, is
     applied to each worker's batched dataset before it is distributed (to
     reshape elements, or zip another stream of the worker's batch size).
     """
@@ -272,30 +273,42 @@ def view_stream(source: Source, batch_size: int, *, image_size: int, views: int 
         raise DataError(f"{source.spec} ({source.split}) has {count} images, fewer than one "
                         f"batch of {batch_size}: lower `batch_size`")
     steps_per_epoch = count // batch_size
-    store = ImageStore(source, short_side_for(image_size, crop_area), cache_dir)
+    store = ImageStore(source, short_side_for(image_size, crop_area), cache_dir, memory_budget)
     labels = source.labels if with_labels else None
     shape = (views, image_size, image_size, source.channels)
 
-    def load(index, epoch):
-        index = int(index)
-        try:
-            image = store.get(index)
-        except Exception as error:  # Pillow raises many types for bad files
-            _skip(source.paths[index], error)
-            return np.zeros(shape, np.uint8), False
-        rng = np.random.default_rng([seed, int(epoch), index])
-        boxes = decode.crop_boxes(rng, image.shape[1], image.shape[0], views,
-                                  crop_area, aspect_ratio, flip)
-        return decode.cut_views(image, boxes, image_size), True
+    def load(indices, epoch):
+        """The views of a batch of files; a file that cannot be decoded is
+        named, counted and replaced by another image of its batch."""
+        out = np.zeros((len(indices), *shape), np.uint8)
+        ok = np.zeros(len(indices), bool)
+        for row, index in enumerate(indices):
+            index = int(index)
+            try:
+                image = store.get(index)
+            except Exception as error:  # Pillow raises many types for bad files
+                _skip(source.paths[index], error)
+                continue
+            rng = np.random.default_rng([seed, int(epoch), index])
+            boxes = decode.crop_boxes(rng, image.shape[1], image.shape[0], views,
+                                      crop_area, aspect_ratio, flip)
+            out[row], ok[row] = decode.cut_views(image, boxes, image_size), True
+        if not ok.all():
+            if not ok.any():
+                raise DataError(f"{source.spec}: no file of a batch could be decoded "
+                                f"({source.paths[int(indices[0])]} ...)")
+            good = np.flatnonzero(ok)
+            out[~ok] = out[good[np.arange((~ok).sum()) % len(good)]]
+        return out
 
-    def element(index, epoch):
-        cropped, ok = tf.numpy_function(load, [index, epoch], (tf.uint8, tf.bool))
-        cropped.set_shape(shape)
-        named = ({"view1": cropped[0], "view2": cropped[1]} if views == 2
-                 else {"view": cropped[0]})
+    def batch(indices, epochs):
+        cropped = tf.numpy_function(load, [indices, epochs[0]], tf.uint8)
+        cropped.set_shape((None, *shape))
+        named = ({"view1": cropped[:, 0], "view2": cropped[:, 1]} if views == 2
+                 else {"view": cropped[:, 0]})
         if labels is not None:
-            return (named, tf.gather(labels, index)), ok
-        return named, ok
+            return named, tf.gather(labels, indices)
+        return named
 
     def per_worker(workers: int, worker: int, local_batch: int) -> tf.data.Dataset:
         used = steps_per_epoch * batch_size
@@ -311,10 +324,8 @@ def view_stream(source: Source, batch_size: int, *, image_size: int, views: int 
         dataset = (tf.data.Dataset.range(first_epoch, 2 ** 62)
                    .flat_map(epoch_order)
                    .skip((start_step % steps_per_epoch) * local_batch)
-                   .map(element, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-                   .filter(lambda value, ok: ok)
-                   .map(lambda value, ok: value)
-                   .batch(local_batch, drop_remainder=True))
+                   .batch(local_batch, drop_remainder=True)
+                   .map(batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True))
         if transform is not None:
             dataset = transform(dataset, worker, workers)
         return dataset.with_options(_options()).prefetch(2)

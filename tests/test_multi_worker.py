@@ -17,6 +17,7 @@ TINY = ["--image_size=16", "--depth=18", "--base_width=4", "--projection_layers=
         "--knn_k=5", "--log_images=false", "--strategy=multi_worker"]
 FINETUNE = ["--epochs=2", "--min_steps=2", "--batch_size=8", "--strategy=multi_worker"]
 
+
 def _cluster(args) -> list[str]:
     """Runs `args` on two workers; returns their outputs (both must succeed)."""
     procs = start_local_cluster(args, ROOT, text=True)

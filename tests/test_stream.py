@@ -166,8 +166,8 @@ def test_folders_on_tensorflow_file_systems_ram(tmp_path):
     assert data.to_memory(source, 12).images.shape == (6, 12, 12, 3)
 
 
-def test_decoded_cache_is_built_once_resumed_and_rebuilt_when_files_change(banded_folder,
-                                                                          tmp_path):
+def test_decoded_cache_is_built_once_resumed_and_rebuilt_when_files_change(
+        banded_folder, tmp_path):
     cache_root = str(tmp_path / "cache")
     source = data.load(f"folder:{banded_folder}", "all", image_size=8, stream=True)
     side = stream.short_side_for(8, (0.5, 1.0))

@@ -41,7 +41,8 @@ from contrastive_tf.data.stream import eval_stream, view_stream
 
 __all__ = [
     "DEBIAN_FASHION_MNIST_DIR", "EMBEDDED_PATH", "FASHION_MNIST_CLASSES", "IMAGE_EXTENSIONS",
-    "SKIPPED", "SPLIT_FOLDERS", "DataError", "eval_stream", "view_stream", "Source", "class_balanced_indices", "conform", "conversion_note",
+    "SKIPPED", "SPLIT_FOLDERS", "DataError", "eval_stream", "view_stream", "Source",
+    "class_balanced_indices", "conform", "conversion_note",
     "from_arrays", "head", "infer_channels", "list_folder", "load", "load_embedded",
     "load_fashion_mnist", "load_folder", "load_images", "load_labelled", "load_tfds",
     "load_whole", "match_classes", "pipeline",

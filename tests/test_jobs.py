@@ -294,3 +294,35 @@ def test_distill_config_refuses_a_width_without_a_depth():
     with pytest.raises(ValueError, match="weight_decay must be >= 0"):
         DistillConfig(**given, weight_decay=-1.0)
     assert DistillConfig(**given, student_depth=18, student_base_width=16).weight_decay == 1e-4
+
+
+def test_predict_streams_rows_in_file_order_with_embeddings(tmp_path, monkeypatch):
+    # Chunks of 4 images: rows and embeddings are written as they come, in
+    # file order, and match the encoder applied here to the in-memory
+    # loader's images (central square, then the evaluation preprocessing).
+    import keras
+    from contrastive_tf.jobs import predict
+    from contrastive_tf.jobs.config import PredictConfig
+    from tests.testing import tiny_simclr
+
+    monkeypatch.setattr(predict, "CHUNK", 4)
+    _images(tmp_path / "new", 11, size=(14, 18), mode="RGB")
+    (tmp_path / "new" / "5b.png").write_bytes(b"not a png")
+    keras.utils.set_random_seed(0)
+    model = tiny_simclr(image_size=12, channels=3)
+    os.makedirs(tmp_path / "run")
+    artifacts.save_pretrained(model, str(tmp_path / "run"))
+    summary = predict.run_predict(PredictConfig(
+        model=str(tmp_path / "run"), dataset=f"folder:{tmp_path / 'new'}",
+        output=str(tmp_path / "out.csv"), embeddings=str(tmp_path / "h.npy"),
+        precision="float32"), verbose=0)
+    rows = list(csv.DictReader(open(tmp_path / "out.csv")))
+    files = sorted(os.listdir(tmp_path / "new"))
+    assert [os.path.basename(r["image"]) for r in rows[:-1]] == [f for f in files if f != "5b.png"]
+    assert rows[-1]["image"].endswith("5b.png") and rows[-1]["error"]
+    assert summary["images"] == 11 and summary["unreadable"] == 1
+    features = np.load(tmp_path / "h.npy")
+    held = data.load_folder(str(tmp_path / "new"), 12)
+    reloaded = artifacts.load_pretrained(str(tmp_path / "run")).encoder
+    expected = reloaded(ct.finetune_augmenter(12)(held.images, training=False)).numpy()
+    np.testing.assert_allclose(features, expected, rtol=1e-5, atol=1e-6)

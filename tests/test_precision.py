@@ -89,3 +89,39 @@ def test_loss_scaling_only_under_float16():
     wrapped = precision.loss_scaled(sgd, "mixed_float16")
     assert isinstance(wrapped, keras.optimizers.LossScaleOptimizer)
     assert precision.loss_scaled(wrapped, "mixed_float16") is wrapped
+
+
+def test_recast_makes_a_saved_precision_not_leak(tmp_path):
+    import keras
+    import numpy as np
+    from contrastive_tf.method.classifier import build_classifier
+    from contrastive_tf.method.heads import ProjectionHead
+    from contrastive_tf.runtime import compat, precision
+    from tests.testing import tiny_encoder
+
+    def classifier():
+        keras.utils.set_random_seed(0)
+        encoder = tiny_encoder(16, 3)
+        head = ProjectionHead(2, 8, ft_layer=1)
+        head.build(encoder.output.shape)
+        return build_classifier(encoder, 3, head)
+
+    with precision.policy_scope("mixed_bfloat16"):
+        trained_in_bf16 = classifier()
+    path = str(tmp_path / "bf16.keras")
+    trained_in_bf16.save(path)
+    loaded = keras.models.load_model(path)
+    assert precision.precision_of(loaded) == "mixed_bfloat16"
+    precision.recast(loaded, "float32")
+    assert precision.precision_of(loaded) == "float32"
+    reference = classifier()  # built in float32, given the same weights
+    reference.set_weights(loaded.get_weights())
+    images = np.random.default_rng(0).random((4, 16, 16, 3), np.float32)
+    np.testing.assert_array_equal(loaded(images).numpy(), reference(images).numpy())
+    # The other way, the output layers keep float32 (features h, logits).
+    precision.recast(reference, "mixed_bfloat16")
+    assert precision.precision_of(reference) == "mixed_bfloat16"
+    assert reference.get_layer("logits").dtype_policy.name == "float32"
+    assert reference(images).dtype == "float32"
+    features = [layer for layer in compat.all_layers(reference) if layer.name == "features"]
+    assert features and all(layer.dtype_policy.name == "float32" for layer in features)

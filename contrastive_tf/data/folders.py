@@ -134,12 +134,7 @@ def load_folder(path: str, image_size: int, channels: int = 0,
     kept_labels = None if labels is None else np.asarray(labels, np.int32)[keep]
     kept_files = [files[i] for i in keep]
     if split != "all":
-        groups = kept_labels if kept_labels is not None else np.zeros(len(keep), np.int32)
-        test = _held_out(kept_files, path, groups, test_fraction)
-        chosen = np.flatnonzero(test if split == "test" else ~test)
-        if chosen.size == 0:
-            raise DataError(f"folder:{path}: split {split!r} with test_fraction="
-                            f"{test_fraction} is empty")
+        chosen = _split_rows(path, kept_files, kept_labels, split, test_fraction)
         images = images[chosen]
         kept_labels = None if kept_labels is None else kept_labels[chosen]
         kept_files = [kept_files[i] for i in chosen]
@@ -147,6 +142,17 @@ def load_folder(path: str, image_size: int, channels: int = 0,
                          f"folder:{path}", split)
     return dataclasses.replace(source, skipped=tuple(bad), paths=tuple(kept_files),
                                stored_shapes=stored)
+
+
+def _split_rows(path, files, labels, split, test_fraction) -> np.ndarray:
+    """The rows of `files` in `split` ("train"/"test", `_held_out`)."""
+    groups = labels if labels is not None else np.zeros(len(files), np.int32)
+    test = _held_out(files, path, groups, test_fraction)
+    chosen = np.flatnonzero(test if split == "test" else ~test)
+    if chosen.size == 0:
+        raise DataError(f"folder:{path}: split {split!r} with test_fraction="
+                        f"{test_fraction} is empty")
+    return chosen
 
 
 # A streaming folder infers its channels from this many files, spread over it.
@@ -162,12 +168,7 @@ def _file_source(path, image_size, channels, split, test_fraction, class_names, 
         channels = infer_channels([files[i] for i in picks])
     labels = None if labels is None else np.asarray(labels, np.int32)
     if split != "all":
-        groups = labels if labels is not None else np.zeros(len(files), np.int32)
-        test = _held_out(files, path, groups, test_fraction)
-        chosen = np.flatnonzero(test if split == "test" else ~test)
-        if chosen.size == 0:
-            raise DataError(f"folder:{path}: split {split!r} with test_fraction="
-                            f"{test_fraction} is empty")
+        chosen = _split_rows(path, files, labels, split, test_fraction)
         files = [files[i] for i in chosen]
         labels = None if labels is None else labels[chosen]
     return Source(spec=f"folder:{path}", split=split, num_examples=len(files),

@@ -24,19 +24,30 @@ _DEPTHS = {
     200: ("bottleneck", (3, 24, 36, 3)),
 }
 SUPPORTED_DEPTHS = tuple(sorted(_DEPTHS))
+LAYOUTS = ("default", "reference")
 
 
 class _Builder:
     """Holds the shared settings while the functional graph is laid out."""
 
-    def __init__(self, bn_momentum, bn_epsilon, synchronized, sk_ratio):
+    def __init__(self, bn_momentum, bn_epsilon, synchronized, sk_ratio, layout):
         self.bn_momentum = bn_momentum
         self.bn_epsilon = bn_epsilon
         self.synchronized = synchronized
         self.sk_ratio = sk_ratio
+        self.reference = layout == "reference"
 
     def conv(self, x, filters, kernel, strides=1, name=None):
-        return SmallMapConv2D(filters, kernel, strides=strides, padding="same",
+        padding = "same"
+        if self.reference and strides > 1:
+            # The reference pads (kernel - 1) split evenly, then convolves
+            # without padding; "same" would pad only after on even sizes.
+            before = (kernel - 1) // 2
+            after = kernel - 1 - before
+            x = layers.ZeroPadding2D(((before, after), (before, after)),
+                                     name=f"{name}_pad" if name else None)(x)
+            padding = "valid"
+        return SmallMapConv2D(filters, kernel, strides=strides, padding=padding,
                               use_bias=False, kernel_initializer="he_normal",
                               name=name)(x)
 
@@ -52,9 +63,9 @@ class _Builder:
         x = self.conv(x, filters, kernel, strides, name=f"{name}_conv")
         return self.bn(x, relu, zero_gamma, name=f"{name}_bn")
 
-    def spatial_conv(self, x, filters, strides, name):
+    def spatial_conv(self, x, filters, strides, name, selective=True):
         """A 3x3 conv + BN + ReLU, or a selective-kernel conv when enabled."""
-        if self.sk_ratio <= 0:
+        if self.sk_ratio <= 0 or not selective:
             return self.conv_bn(x, filters, 3, strides, name=name)
         # SK (SimCLRv2): two 3x3 branches from one conv of 2x width, mixed by
         # per-channel softmax attention computed from their pooled sum.
@@ -83,25 +94,40 @@ class _Builder:
             x = self.conv_bn(inputs, width, 7, 2, name="stem")
         return layers.MaxPooling2D(3, 2, padding="same", name="stem_pool")(x)
 
-    def shortcut(self, x, filters, strides, name):
-        if x.shape[-1] == filters and strides == 1:
+    def shortcut(self, x, filters, strides, name, first=False):
+        # The reference projects in the first block of every stage, even
+        # where the shapes already match (ResNet-18/34's first stage).
+        if x.shape[-1] == filters and strides == 1 and not (self.reference and first):
             return x
-        if self.sk_ratio > 0 and strides > 1:
+        if self.sk_ratio > 0 and self.reference:
+            # ResNet-D shortcut as the reference lays it out: a 2x2 average
+            # pool in every projection (stride 1 in the first stage), the
+            # strided one over a map padded by one row and column after.
+            if strides > 1:
+                x = layers.ZeroPadding2D(((0, 1), (0, 1)), name=f"{name}_proj_pad")(x)
+                x = layers.AveragePooling2D(2, strides, padding="valid",
+                                            name=f"{name}_proj_pool")(x)
+            else:
+                x = layers.AveragePooling2D(2, 1, padding="same", name=f"{name}_proj_pool")(x)
+            strides = 1
+        elif self.sk_ratio > 0 and strides > 1:
             # ResNet-D shortcut, as SimCLRv2 uses with SK.
             x = layers.AveragePooling2D(strides, strides, padding="same")(x)
             strides = 1
         return self.conv_bn(x, filters, 1, strides, relu=False,
                             name=f"{name}_proj")
 
-    def basic_block(self, x, filters, strides, name):
-        residual = self.shortcut(x, filters, strides, name)
-        x = self.spatial_conv(x, filters, strides, name=f"{name}_1")
+    def basic_block(self, x, filters, strides, name, first=False):
+        residual = self.shortcut(x, filters, strides, name, first)
+        # The reference's basic block has no selective kernel.
+        x = self.spatial_conv(x, filters, strides, name=f"{name}_1",
+                              selective=not self.reference)
         x = self.conv_bn(x, filters, 3, relu=False, zero_gamma=True,
                          name=f"{name}_2")
         return layers.ReLU()(layers.Add()([x, residual]))
 
-    def bottleneck_block(self, x, filters, strides, name):
-        residual = self.shortcut(x, 4 * filters, strides, name)
+    def bottleneck_block(self, x, filters, strides, name, first=False):
+        residual = self.shortcut(x, 4 * filters, strides, name, first)
         x = self.conv_bn(x, filters, 1, name=f"{name}_1")
         x = self.spatial_conv(x, filters, strides, name=f"{name}_2")
         x = self.conv_bn(x, 4 * filters, 1, relu=False, zero_gamma=True,
@@ -109,7 +135,10 @@ class _Builder:
         return layers.ReLU()(layers.Add()([x, residual]))
 
 
-def _check_arguments(depth, width_multiplier, sk_ratio, input_shape, base_width) -> None:
+def _check_arguments(depth, width_multiplier, sk_ratio, input_shape, base_width,
+                     layout) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"Expected layout in {LAYOUTS}. Received: layout={layout!r}")
     if depth not in _DEPTHS:
         raise ValueError(f"Expected depth in {SUPPORTED_DEPTHS}. "
                          f"Received: depth={depth}")
@@ -134,6 +163,7 @@ def resnet(depth: int,
            bn_epsilon: float = 1e-5,
            synchronized_bn: bool | None = None,
            base_width: int = 64,
+           layout: str = "default",
            name: str | None = None) -> keras.Model:
     """A ResNet encoder mapping images to pooled features h.
 
@@ -157,6 +187,14 @@ def resnet(depth: int,
             to `None` (on when the current strategy has several replicas).
         base_width: channels of the first stage at 1x. Defaults to `64`;
             smaller values make tiny models for tests and demos.
+        layout: "default", or "reference" for the exact layout of
+            google-research/simclr's TF code, which its published checkpoints
+            need (`contrastive_tf.import_simclr` builds it): strided convs
+            pad (kernel - 1) evenly then convolve unpadded; the first block of
+            every stage has a projection shortcut; with SK, every projection
+            starts with the ResNet-D 2x2 average pool (zero-padded after when
+            strided) and basic blocks keep plain 3x3 convs. Defaults to
+            `"default"` ("same" padding, projections only where shapes change).
         name: model name. Defaults to `resnet{depth}_{w}x`.
 
     Returns:
@@ -172,7 +210,7 @@ def resnet(depth: int,
         - [He et al., 2016](https://arxiv.org/abs/1512.03385)
         - [Chen et al., 2020b](https://arxiv.org/abs/2006.10029) (SK, width)
     """
-    _check_arguments(depth, width_multiplier, sk_ratio, input_shape, base_width)
+    _check_arguments(depth, width_multiplier, sk_ratio, input_shape, base_width, layout)
     width_multiplier = int(width_multiplier)
     if cifar_stem is None:
         side = max(s for s in input_shape[:2] if s is not None) \
@@ -182,7 +220,7 @@ def resnet(depth: int,
         synchronized_bn = distribution.num_replicas() > 1
 
     kind, stages = _DEPTHS[depth]
-    build = _Builder(bn_momentum, bn_epsilon, synchronized_bn, sk_ratio)
+    build = _Builder(bn_momentum, bn_epsilon, synchronized_bn, sk_ratio, layout)
     width = base_width * width_multiplier
     inputs = keras.Input(shape=tuple(input_shape), name="images")
     x = build.stem(inputs, width, cifar_stem)
@@ -191,7 +229,8 @@ def resnet(depth: int,
         filters = width * 2 ** stage
         for index in range(blocks):
             strides = 2 if (index == 0 and stage > 0) else 1
-            x = block(x, filters, strides, name=f"stage{stage + 1}_block{index + 1}")
+            x = block(x, filters, strides, name=f"stage{stage + 1}_block{index + 1}",
+                      first=index == 0)
         x = layers.Identity(name=f"stage{stage + 1}")(x)
     features = layers.GlobalAveragePooling2D(name="avg_pool")(x)
     features = layers.Activation("linear", dtype="float32", name="features")(features)

@@ -7,7 +7,8 @@ the ones before it:
     method    augmentation, ResNets, heads, losses, the SimCLR model, the
               classifier and distiller models, LARS, linear probe / kNN
     data      dataset specs, folders, conversion, label subsets, tf.data
-    runs      what each job's folder holds: load, save, recognise; checkpoints
+    runs      what each job's folder holds: load, save, recognise; checkpoints;
+              the published SimCLR models imported (`import_simclr`)
     serving   SavedModel export in TF Serving's layout
     jobs      pretrain, finetune, distill, predict, pipeline (what
               experiments/ runs), their configs and the one place their
@@ -31,7 +32,8 @@ from contrastive_tf.method.heads import ProjectionHead
 from contrastive_tf.method.losses import distillation_loss, nt_xent, nt_xent_with_accuracy
 from contrastive_tf.method.model import SimCLR
 from contrastive_tf.method.optim import LARS, WarmupCosine
-from contrastive_tf.runs import artifacts, checkpoints
+from contrastive_tf.runs import artifacts, checkpoints, simclr_import
+from contrastive_tf.runs.simclr_import import import_simclr
 from contrastive_tf.runtime import compat, distribution, files, precision, progress, seeds
 from contrastive_tf.serving import export
 from contrastive_tf.version import __version__
@@ -62,6 +64,7 @@ __all__ = [
     "finetune",
     "finetune_augmenter",
     "heads",
+    "import_simclr",
     "kernels",
     "losses",
     "models",
@@ -75,5 +78,6 @@ __all__ = [
     "progress",
     "resnet",
     "seeds",
+    "simclr_import",
     "visualize",
 ]

@@ -1,5 +1,5 @@
 """Records what google-research/simclr's own TF2 code computes, for the
-importer's tests (tests/fixtures/simclr_reference/) and for checking real
+importer's tests (tests/fixtures/simclr_reference/*.json.gz) and for checking real
 imports by hand.
 
 This runs in a separate virtual environment with the reference code, never in
@@ -32,6 +32,8 @@ can import `seeded_value` and `probe_images` without TensorFlow's Keras 2.
 
 from __future__ import annotations
 
+import base64
+import gzip
 import json
 import os
 import sys
@@ -55,8 +57,13 @@ VARIANTS = {
     "r50_2x_sk1_finetuned": dict(resnet_depth=50, width_multiplier=2, sk_ratio=0.0625,
                                  train_mode="finetune", proj_head_mode="nonlinear",
                                  num_proj_layers=3, ft_proj_selector=1, num_classes=10),
+    # SimCLRv1 as released: the reference's TF2 code cannot build a model
+    # without a projection head (proj_head_mode=none fails in model.Model), so
+    # it is built with v1's 2-layer head, saved without the head's outputs (as
+    # the v1 releases), and the tests drop the head's variables (h and the
+    # logits on h do not depend on them).
     "r50_1x_v1": dict(resnet_depth=50, width_multiplier=1, sk_ratio=0.0,
-                      train_mode="pretrain", proj_head_mode="none",
+                      train_mode="pretrain", proj_head_mode="nonlinear",
                       num_proj_layers=2, ft_proj_selector=0, num_classes=10),
     "r18_1x_sk1_pretrained": dict(resnet_depth=18, width_multiplier=1, sk_ratio=0.0625,
                                   train_mode="pretrain", proj_head_mode="nonlinear",
@@ -108,6 +115,7 @@ def _variant(name, settings, simclr_tf2, fixtures, models_dir, tf, flags, model_
             "--lineareval_while_pretraining=true", "--global_bn=false",
             "--batch_norm_decay=0.9", "--fine_tune_after_block=-1"]
     argv += [f"--{k}={v}" for k, v in settings.items() if k != "num_classes"]
+    v1 = name.endswith("_v1")
     flags.FLAGS(argv)
     # The reference's SavedModel finds its outputs by graph names ("resnet/..."),
     # which a second model in the same session would not get.
@@ -139,7 +147,7 @@ def _variant(name, settings, simclr_tf2, fixtures, models_dir, tf, flags, model_
     prefix = tf.train.Checkpoint(model=model, global_step=step, optimizer=optimizer).save(
         os.path.join(target, "ckpt"))
     saved = run.build_saved_model(
-        model, include_projection_head=settings["proj_head_mode"] != "none")
+        model, include_projection_head=not v1)
     export = os.path.join(target, "saved_model", "1")
     tf.saved_model.save(saved, export)
     check = tf.saved_model.load(export)(tf.constant(images), trainable=False)
@@ -148,8 +156,14 @@ def _variant(name, settings, simclr_tf2, fixtures, models_dir, tf, flags, model_
     record = {
         "variant": name,
         "flags": settings,
+        "without_projection_head": v1,
         "probe_shape": list(PROBE_SHAPE),
         "saved_model_keys": _keys(os.path.join(export, "variables", "variables"), tf),
+        # The SavedModel's object graph as written (with Keras 2's alias edges:
+        # variables/N, layers/N, keras_api, ...), gzip + base64.
+        "saved_model_object_graph": base64.b64encode(gzip.compress(
+            tf.train.load_checkpoint(os.path.join(export, "variables", "variables")).get_tensor(
+                "_CHECKPOINTABLE_OBJECT_GRAPH"), mtime=0)).decode(),
         "checkpoint_keys": _keys(prefix, tf),
         "final_avg_pool": hiddens.numpy().tolist(),
         "logits_sup": None if logits is None else logits.numpy().tolist(),
@@ -157,8 +171,8 @@ def _variant(name, settings, simclr_tf2, fixtures, models_dir, tf, flags, model_
         "reference": "github.com/google-research/simclr tf2/ (model.Model, run.build_saved_model)",
     }
     os.makedirs(fixtures, exist_ok=True)
-    path = os.path.join(fixtures, f"{name}.json")
-    with open(path + ".tmp", "w") as handle:
+    path = os.path.join(fixtures, f"{name}.json.gz")
+    with gzip.open(path + ".tmp", "wt") as handle:
         json.dump(record, handle, separators=(",", ":"))
     os.replace(path + ".tmp", path)
     print(f"{name}: {len(record['saved_model_keys'])} SavedModel variables, "

@@ -78,3 +78,45 @@ def test_serialisation_round_trip_keeps_outputs(tmp_path):
 def test_rejects_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         resnet(**kwargs)
+
+
+@pytest.mark.parametrize("after_block, trains", [(-1, 5), (0, 4), (2, 2), (4, 0)])
+def test_freeze_stages_leaves_the_later_stages_training(after_block, trains):
+    from contrastive_tf.method.backbones import freeze_stages
+    model = resnet(18, input_shape=(32, 32, 3), base_width=4)
+    frozen = freeze_stages(model, after_block)
+    training = {layer.name.split("_")[0] for layer in model.layers
+                if layer.trainable_weights}
+    assert len(training) == trains
+    assert all(not name.startswith(f"stage{after_block + 1}_") for name in frozen)
+    if after_block >= 0:
+        assert "stem" not in training
+        assert "stem_conv" in frozen and "stem_bn" in frozen
+        # A frozen BN keeps its statistics: the moving mean does not move in training.
+        bn = model.get_layer("stem_bn")
+        before = np.array(bn.moving_mean)
+        model(np.random.default_rng(0).uniform(size=(4, 32, 32, 3)).astype("float32"),
+              training=True)
+        np.testing.assert_array_equal(np.array(bn.moving_mean), before)
+    with pytest.raises(ValueError, match="after_block in \\[-1, 4\\]"):
+        freeze_stages(model, 5)
+
+
+def test_reference_layout_pads_and_projects_as_the_reference():
+    """What layout="reference" changes, on shapes and layers (the numbers
+    against the reference code itself: tests/test_simclr_import.py)."""
+    default = resnet(18, input_shape=(64, 64, 3), base_width=8, sk_ratio=0.0625)
+    reference = resnet(18, input_shape=(64, 64, 3), base_width=8, sk_ratio=0.0625,
+                       layout="reference")
+    names = {layer.name for layer in reference.layers}
+    # A projection in the first block of stage 1 even though the shapes match,
+    # with the stride-1 ResNet-D pool; basic blocks have no selective kernel.
+    assert "stage1_block1_proj_conv" in names and "stage1_block1_proj_pool" in names
+    assert "stage1_block1_proj_conv" not in {layer.name for layer in default.layers}
+    assert not any("_sk" in name for name in names)
+    # Strided convolutions pad (k - 1) // 2 before and the rest after.
+    assert reference.get_layer("stem_a_conv_pad").padding == ((1, 1), (1, 1))
+    assert reference.get_layer("stage2_block1_proj_pad").padding == ((0, 1), (0, 1))
+    assert reference.output_shape == default.output_shape
+    with pytest.raises(ValueError, match="layout in"):
+        resnet(18, layout="tf1")

@@ -230,6 +230,7 @@ class FinetuneConfig(_Config):
     labels_per_class: int = _field(0, 'If > 0, keep a class-balanced subset of this many labelled images per class (benchmarks); written to labelled_subset.json.')
     label_fraction: float = _field(0.0, 'If > 0, keep this class-balanced fraction of the labelled images instead.')
     from_layer: str = _field("head", "Where the classifier starts: 'head' (the projection-head layer the encoder was pretrained with, SimCLRv2) or 'h' (the encoder's features).", choices=("head", "h"))
+    fine_tune_after_block: int = _field(-1, "Freeze the encoder up to here, for very few labels or little compute: -1 trains everything; k in 0..4 freezes the stem and the first k of the 4 stages (their batch norm in inference mode); 4 trains only what is above h.")
     epochs: int = _field(30, 'Epochs: the length of the cosine schedule; the best validation epoch is kept.')
     batch_size: int = _field(64, 'Batch size.')
     learning_rate: float = _field(0.05, 'Peak learning rate (SGD with momentum).')
@@ -252,6 +253,7 @@ class FinetuneConfig(_Config):
             (self.epochs > 0 and self.batch_size > 0, "epochs and batch_size must be > 0"),
             (self.learning_rate > 0, "learning_rate must be > 0"),
             (0 < self.crop_min_area <= 1, "crop_min_area must be in (0, 1]"),
+            (-1 <= self.fine_tune_after_block <= 4, "fine_tune_after_block must be in [-1, 4]"),
         ]
 
 @dataclasses.dataclass(frozen=True)
@@ -264,8 +266,8 @@ class DistillConfig(_Config):
     data_dir: str | None = _field(None, 'TFDS data_dir, or the Fashion-MNIST folder.')
     labelled_dataset: str = _field("", 'Optional labelled set for a labelled cross-entropy term (with --label_weight).')
     label_weight: float = _field(0.0, 'Weight of the labelled term (0: pure distillation, as SimCLRv2).')
-    student_encoder: str = _field("", 'Start the student from this pretraining run or encoder export (e.g. the one the teacher was fine-tuned from).')
-    student_depth: int = _field(0, "Student ResNet depth; 0: the teacher's own architecture, freshly initialised.")
+    student_encoder: str = _field("auto", "Start the student from this pretraining run or encoder export; auto: the encoder the teacher was fine-tuned from, where its run says (SimCLRv2's self-distillation), else as 'scratch'; scratch: the teacher's architecture, freshly initialised.")
+    student_depth: int = _field(0, "A smaller (or other) student: a ResNet of this depth from scratch, e.g. 18 for an imported ResNet-50 teacher; 0: as --student_encoder says.")
     student_base_width: int = _field(0, 'Student ResNet base width, with --student_depth (0: 64).')
     temperature: float = _field(1.0, 'Distillation temperature t of softmax(logits / t).')
     epochs: int = _field(6, 'Epochs over the images.')
@@ -289,7 +291,7 @@ class DistillConfig(_Config):
             (self.epochs > 0 and self.batch_size > 0, "epochs and batch_size must be > 0"),
             (self.student_depth in (0, *SUPPORTED_DEPTHS),
              f"student_depth must be 0 (the teacher's) or one of {SUPPORTED_DEPTHS}"),
-            (not (self.student_encoder and self.student_depth),
+            (not (self.student_encoder not in ("auto", "scratch", "") and self.student_depth),
              "give student_encoder or student_depth, not both"),
             (not self.student_base_width or self.student_depth,
              "student_base_width sizes a student of student_depth: give both"),
@@ -314,3 +316,20 @@ class PredictConfig(_Config):
     def checks(self) -> list:
         return [(self.top_k >= 1, "top_k must be >= 1"),
                 (self.batch_size > 0, "batch_size must be > 0")]
+
+
+@dataclasses.dataclass(frozen=True)
+class ImportConfig(_Config):
+    """A published SimCLR / SimCLRv2 model (google-research/simclr TF2) as this package's models."""
+    source: str = _field(None, "The reference model: a SavedModel folder of the TF2 code (<model>/saved_model, a numbered step in it, or the folder holding saved_model/) or a TF2 training checkpoint (prefix or directory).", required=True)
+    output_dir: str = _field(None, "Where encoder/ (a pretraining run) and classifier/ (a classifier run, where the source has a supervised head) and summary.json go.", required=True)
+    image_size: int = _field(224, "Side of the square images the imported models take (the published models: 224).")
+    class_names: str = _field("", "A text file of class names, one per line, for the supervised head (default: numbered).")
+    head_input: str = _field("auto", "What the supervised head reads: h (linear evaluation heads), hidden1 (SimCLRv2 fine-tuned from the first head layer), or auto (from the shapes, else the SavedModel's own logits).", choices=("auto", "h", "hidden1"))
+    max_relative_difference: float = _field(1e-4, "Refuse the import when the imported model and the source SavedModel differ by more than this, relative to the source's largest value, on the probe batch.")
+
+    KIND = "import"
+
+    def checks(self) -> list:
+        return [(self.image_size >= 32, "image_size must be >= 32"),
+                (self.max_relative_difference > 0, "max_relative_difference must be > 0")]

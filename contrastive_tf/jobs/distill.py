@@ -94,15 +94,23 @@ def job_student(config: DistillConfig, teacher: keras.Model,
     from a pretrained encoder, a ResNet of the given size, or the teacher's
     own architecture freshly initialised (`models.build_student`)."""
     shape = tuple(teacher.input.shape[1:])
-    if config.student_encoder:
-        pretrained = artifacts.load_pretrained(config.student_encoder)
+    source, why = config.student_encoder, ""
+    if source == "auto" and not config.student_depth:
+        source = artifacts.teacher_encoder(config.teacher)
+        why = " (the encoder the teacher was fine-tuned from)"
+        if source is None:
+            log.info(f"the teacher's run does not name the encoder it was fine-tuned from: "
+                     "the student is the teacher's architecture, freshly initialised "
+                     "(give --student_encoder to start it from a pretrained encoder)")
+    if source not in ("auto", "scratch", "", None):
+        pretrained = artifacts.load_pretrained(source)
         if (pretrained.image_size, pretrained.image_size, pretrained.channels) != shape:
             raise artifacts.ModelSourceError(
-                f"student_encoder {config.student_encoder} takes "
+                f"student_encoder {source} takes "
                 f"{pretrained.image_size}x{pretrained.image_size}x{pretrained.channels} "
                 f"images, the teacher {shape[0]}x{shape[1]}x{shape[2]}")
         return (build_student(teacher, (pretrained.encoder, pretrained.head)),
-                f"from the pretrained encoder {config.student_encoder}")
+                f"from the pretrained encoder {source}{why}")
     if config.student_depth:
         width = config.student_base_width or 64
         with precision.policy_scope(policy):

@@ -23,6 +23,7 @@ from contrastive_tf.jobs.config import FinetuneConfig
 from contrastive_tf.jobs.models import classifier_parts
 from contrastive_tf.method import optim
 from contrastive_tf.method.augment import finetune_augmenter
+from contrastive_tf.method.backbones import freeze_stages
 from contrastive_tf.method.classifier import ClassifierTrainer, KeepBestEpoch, build_classifier
 from contrastive_tf.runs import artifacts
 from contrastive_tf.runtime import distribution, precision, progress, seeds
@@ -160,7 +161,12 @@ def run_finetune(config: FinetuneConfig, verbose: int = 1) -> dict:
     with seeds.seeded(config.seed), strategy.scope(), precision.policy_scope(policy):
         classifier = precision.recast(build_classifier(encoder, labelled.num_classes, head),
                                       policy)
+    frozen = freeze_stages(encoder, config.fine_tune_after_block)
     start = f"its head layer {head.ft_layer}" if head is not None else "h"
+    if frozen:
+        start += (f", the stem and stages 1-{config.fine_tune_after_block} frozen "
+                  f"({len(frozen)} layers)" if config.fine_tune_after_block else
+                  f", the stem frozen ({len(frozen)} layers)")
     log.info(f"fine-tuning {config.encoder} from {start} for {config.epochs} epochs in {policy}"
              f" ({strategy.num_replicas_in_sync} replica(s))")
     result = train_classifier(
@@ -175,6 +181,7 @@ def run_finetune(config: FinetuneConfig, verbose: int = 1) -> dict:
                "num_val": val.num_examples, "num_classes": labelled.num_classes,
                "val_accuracy": result.val_accuracy, "best_epoch": result.best_epoch,
                "epochs_run": result.epochs_run, "precision": policy,
+               "fine_tune_after_block": config.fine_tune_after_block,
                "wall_s": round(time.time() - started, 1), **data.SKIPPED.summary()}
     if test is not None:
         summary.update(test_accuracy=result.test_accuracy, num_test=test.num_examples,

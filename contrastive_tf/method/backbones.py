@@ -236,3 +236,28 @@ def resnet(depth: int,
     features = layers.Activation("linear", dtype="float32", name="features")(features)
     return keras.Model(inputs, features,
                        name=name or f"resnet{depth}_{width_multiplier}x")
+
+
+def freeze_stages(encoder: keras.Model, after_block: int) -> list[str]:
+    """Freezes the stem and the first `after_block` stages of a `resnet`
+    encoder (as the reference's `fine_tune_after_block`): their weights stop
+    training and their batch norm runs in inference mode. -1 freezes
+    nothing; 4 freezes the whole encoder. Returns the frozen layers' names.
+
+    Example:
+    >>> freeze_stages(encoder, 2)  # stages 3 and 4 (and the heads) train
+    """
+    if not -1 <= after_block <= 4:
+        raise ValueError(f"Expected after_block in [-1, 4]. Received: after_block={after_block}")
+    if after_block < 0:
+        return []
+    prefixes = ("stem",) + tuple(f"stage{s}_" for s in range(1, after_block + 1))
+    frozen = []
+    for layer in encoder.layers:
+        if layer.name.startswith(prefixes) and layer.weights:
+            layer.trainable = False
+            frozen.append(layer.name)
+    if not frozen:
+        raise ValueError(f"{encoder.name} has no stem or stage layers to freeze: not an encoder "
+                         "built by contrastive_tf.resnet")
+    return frozen

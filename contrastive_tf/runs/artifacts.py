@@ -261,6 +261,23 @@ def load_model(src: str) -> tuple[str, keras.Model, tuple[str, ...]]:
                 f"{as_classifier} It is not a pretraining run or encoder export either.") from None
 
 
+def teacher_encoder(src: str) -> str | None:
+    """The encoder a classifier run was fine-tuned from (its job.json's
+    `encoder`, as experiments.finetune and experiments.import_simclr write
+    it), where it still is a pretraining run or encoder export; else None."""
+    marker = read_optional_json(src, JOB_MARKER) or {}
+    encoder = (marker.get("settings") or {}).get("encoder")
+    if not encoder:
+        return None
+    # A relative path: relative to the run (import), else to where the
+    # fine-tuning job ran (as the user typed it).
+    candidates = [encoder] if os.path.isabs(encoder) else [os.path.join(src, encoder), encoder]
+    for path in candidates:
+        if is_pretraining_run(path) or _has(path, MODEL_CARD):
+            return os.path.normpath(path)
+    return None
+
+
 def save_classifier(classifier: keras.Model, class_names, folder: str) -> None:
     """classifier.keras and class_names.json in `folder`, each written
     atomically."""

@@ -31,6 +31,7 @@ import tensorflow as tf
 from contrastive_tf.method.backbones import resnet
 from contrastive_tf.method.classifier import build_classifier
 from contrastive_tf.method.heads import ProjectionHead
+from contrastive_tf.runs.artifacts import ModelSourceError
 
 SK_RATIO = 0.0625  # the published SK models' ratio (and the reference default)
 SK_MIN_DIM = 32  # the reference's floor on the selective-kernel attention width
@@ -50,7 +51,7 @@ _BLOCKS = {(2, 2, 2, 2): {"basic": 18}, (3, 4, 6, 3): {"basic": 34, "bottleneck"
            (3, 24, 36, 3): {"bottleneck": 200}}
 
 
-class SimCLRImportError(ValueError):
+class SimCLRImportError(ModelSourceError):
     """The source is not a model of the reference code, or does not fit it."""
 
 
@@ -392,11 +393,10 @@ def probe_batch(image_size: int, count: int = 2, seed: int = 0) -> np.ndarray:
 def _run_source(directory: str, images: np.ndarray) -> dict | None:
     """The SavedModel's outputs on `images` (inference mode), or None where
     it has no `__call__(images, trainable)` as the reference writes it."""
-    loaded = tf.saved_model.load(directory)
-    call = getattr(loaded, "__call__", None)
     try:
-        outputs = call(tf.constant(images), trainable=False)
-    except (TypeError, ValueError, tf.errors.OpError):
+        loaded = tf.saved_model.load(directory)
+        outputs = loaded(tf.constant(images), trainable=False)
+    except (TypeError, ValueError, AttributeError, tf.errors.OpError):
         return None
     if not isinstance(outputs, dict) or "final_avg_pool" not in outputs:
         return None
@@ -410,7 +410,7 @@ def _difference(mine, theirs) -> dict:
 
 # -- the entry point -----------------------------------------------------------------------------
 
-def import_simclr(path: str, image_size: int = 224, head_input: str = "auto",
+def import_simclr(path: str, image_size: int | None = 224, head_input: str = "auto",
                   check: bool = True) -> ImportedSimCLR:
     """Builds this package's models from a model of google-research/simclr.
 
@@ -419,8 +419,8 @@ def import_simclr(path: str, image_size: int = 224, head_input: str = "auto",
             `simclr-checkpoints-tf2` model's `saved_model/` folder or one of
             its numbered steps), or a TF2 training checkpoint (prefix or
             directory) written by that code.
-        image_size: the side of the square float images the models take.
-            Defaults to `224`.
+        image_size: the side of the square float images the models take;
+            None for images of any size. Defaults to `224`.
         head_input: what the supervised head reads: `"h"` (linear
             evaluation heads, `ft_proj_selector=0`), `"hidden1"` (SimCLRv2
             fine-tuned from the first head layer) or `"auto"` (from the
@@ -446,7 +446,7 @@ def import_simclr(path: str, image_size: int = 224, head_input: str = "auto",
     if head_input not in ("auto", "h", "hidden1"):
         raise ValueError("Expected head_input in ('auto', 'h', 'hidden1'). "
                          f"Received: head_input={head_input!r}")
-    if image_size < 32:
+    if image_size is not None and image_size < 32:
         raise ValueError(f"Expected image_size >= 32. Received: image_size={image_size}")
     kind, location = resolve_source(path)
     prefix = os.path.join(location, "variables", "variables") if kind == "saved_model" \
@@ -483,7 +483,7 @@ def import_simclr(path: str, image_size: int = 224, head_input: str = "auto",
 
 
 def _check(result: ImportedSimCLR, location, image_size, source, root, head_input) -> dict:
-    images = probe_batch(image_size)
+    images = probe_batch(image_size or 224)
     theirs = _run_source(location, images)
     if theirs is None:
         return {"compared": False,

@@ -326,3 +326,31 @@ def test_predict_streams_rows_in_file_order_with_embeddings(tmp_path, monkeypatc
     reloaded = artifacts.load_pretrained(str(tmp_path / "run")).encoder
     expected = reloaded(ct.finetune_augmenter(12)(held.images, training=False)).numpy()
     np.testing.assert_allclose(features, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_student_starts_from_the_teachers_encoder_by_default(tmp_path):
+    from contrastive_tf.jobs.config import DistillConfig
+    from contrastive_tf.runs import artifacts
+    encoder = tmp_path / "pretrain"
+    encoder.mkdir()
+    (encoder / artifacts.SIMCLR_MODEL).write_bytes(b"")  # recognised by its file
+    teacher = tmp_path / "finetune"
+    artifacts.claim_output_dir(str(teacher), "finetune", {"encoder": str(encoder)})
+    assert artifacts.teacher_encoder(str(teacher)) == str(encoder)
+    # Relative to the run (as the import job writes it) or to where the job ran.
+    artifacts.claim_output_dir(str(tmp_path / "imported"), "import", {})
+    (tmp_path / "imported" / "classifier").mkdir()
+    artifacts.write_summary(str(tmp_path / "imported" / "classifier"), {})
+    from contrastive_tf.runtime.files import write_json
+    write_json(str(tmp_path / "imported" / "classifier" / artifacts.JOB_MARKER),
+               {"job": "import", "settings": {"encoder": "../../pretrain"}})
+    assert artifacts.teacher_encoder(str(tmp_path / "imported" / "classifier")) == str(encoder)
+    # A run that names nothing, or an encoder that is gone: None (a fresh student).
+    assert artifacts.teacher_encoder(str(tmp_path / "pretrain")) is None
+    (encoder / artifacts.SIMCLR_MODEL).unlink()
+    assert artifacts.teacher_encoder(str(teacher)) is None
+    given = dict(teacher="t", dataset="folder:x", output_dir="o")
+    assert DistillConfig(**given).student_encoder == "auto"
+    assert DistillConfig(**given, student_depth=18).student_depth == 18
+    with pytest.raises(ValueError, match="give student_encoder or student_depth, not both"):
+        DistillConfig(**given, student_encoder="runs/pre", student_depth=18)

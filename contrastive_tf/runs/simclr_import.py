@@ -237,16 +237,13 @@ def _architecture(source: _Variables, root: str, head_input: str) -> Architectur
         for block in blocks:
             names = source.children(f"{groups}/{group}/layers/{block}")
             kinds.add("bottleneck" if "conv_relu_dropblock_layers" in names else "basic")
-    if len(kinds) != 1 or tuple(counts) not in _BLOCKS or kinds.copy().pop() not in \
-            _BLOCKS[tuple(counts)]:
-        raise SimCLRImportError(f"{groups}: {counts} blocks of kind {sorted(kinds)} is not a "
-                                "ResNet depth the reference builds")
-    kind = kinds.pop()
-    depth = _BLOCKS[tuple(counts)][kind]
-    selective = any("conv2d_0" in source.children(f"{groups}/0/layers/0/"
-                                                  f"conv_relu_dropblock_layers/{i}")
-                    for i in _indices(source, f"{groups}/0/layers/0/conv_relu_dropblock_layers",
-                                      "conv2d_0"))
+    kind = kinds.pop() if len(kinds) == 1 else None
+    depth = _BLOCKS.get(tuple(counts), {}).get(kind)
+    if depth is None:
+        raise SimCLRImportError(f"{groups}: {counts} blocks of kind(s) {sorted(kinds | {kind} - {None})}"
+                                " is not a ResNet depth the reference builds")
+    selective = bool(_indices(source, f"{groups}/0/layers/0/conv_relu_dropblock_layers",
+                              "conv2d_0"))
     sk_ratio = SK_RATIO if (deep_stem or selective) else 0.0
     head = f"{root}/_projection_head/linear_layers".lstrip("/")
     layers = _indices(source, head, "dense")

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -86,7 +87,7 @@ def run_import(config: ImportConfig, verbose: int = 1) -> dict:
                              head_input=config.head_input)
     arch = imported.architecture
     summary = {"job": "import", "source": imported.source, "source_kind": imported.source_kind,
-               "architecture": {**arch.__dict__, "name": arch.name},
+               "architecture": {**dataclasses.asdict(arch), "name": arch.name},
                "image_size": config.image_size, "skipped": imported.skipped,
                "check": imported.check}
     _check(summary, config.max_relative_difference)

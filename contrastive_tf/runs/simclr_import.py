@@ -348,7 +348,7 @@ def _copy_head(source, head, path):
         _bn(getattr(head, f"bn_{index}"), source, f"{path}/{entry}/bn_relu/bn")
 
 
-def _build(arch: Architecture, image_size: int):
+def _build(arch: Architecture, image_size: int | None):
     encoder = resnet(arch.depth, arch.width_multiplier, cifar_stem=arch.cifar_stem,
                      sk_ratio=arch.sk_ratio, input_shape=(image_size, image_size, 3),
                      bn_momentum=BN_MOMENTUM, bn_epsilon=BN_EPSILON, synchronized_bn=False,

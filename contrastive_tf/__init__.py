@@ -32,7 +32,7 @@ from contrastive_tf.method.heads import ProjectionHead
 from contrastive_tf.method.losses import distillation_loss, nt_xent, nt_xent_with_accuracy
 from contrastive_tf.method.model import SimCLR
 from contrastive_tf.method.optim import LARS, WarmupCosine
-from contrastive_tf.runs import artifacts, checkpoints, simclr_import
+from contrastive_tf.runs import artifacts, checkpoints, simclr_import, simclr_source
 from contrastive_tf.runs.simclr_import import import_simclr
 from contrastive_tf.runtime import compat, distribution, files, precision, progress, seeds
 from contrastive_tf.serving import export
@@ -79,5 +79,6 @@ __all__ = [
     "resnet",
     "seeds",
     "simclr_import",
+    "simclr_source",
     "visualize",
 ]

@@ -55,6 +55,18 @@ STEPS = {
 # of each ResNet-18 stage at 32 px, batch 128 (256 views), per precision.
 CONV_STAGES = {"conv_stages_fp32": "float32", "conv_stages_bf16": "mixed_bfloat16"}
 STAGE_SHAPES = ((32, 64), (16, 128), (8, 256), (4, 512))  # (spatial size, channels)
+# Fine-tuning steps and inference of classifiers at 224 px: the models a user
+# imports (ResNet-50 1x, SK off / on, as `import_simclr` builds them, read
+# from the first projection layer, 1000 classes) and the demo-size model (on
+# h, 10 classes). name -> (mode, depth, sk_ratio, batch, precision, base width, size)
+CLASSIFIER_STEPS = {
+    f"{mode}_{model}_b{batch}_224px_{precision}": (mode, depth, sk, batch, policy, width, 224)
+    for mode, batches in (("finetune", (32, 64)), ("infer", (64, 256)))
+    for model, depth, sk, width in (("r50_sk0", 50, 0.0, 64), ("r50_sk1", 50, 0.0625, 64),
+                                    ("demo_r18w16", 18, 0.0, 16))
+    for precision, policy in (("fp32", "float32"), ("bf16", "mixed_bfloat16"))
+    for batch in (batches[depth == 18],)
+}
 GPU_STEPS = {
     "r18_b512_32px_fp16": (18, 32, 512, "mixed_float16", 64),
     "r50_b256_224px_bf16": (50, 224, 256, "mixed_bfloat16", 64),
@@ -191,6 +203,62 @@ def bench_step(name, depth, size, batch, precision, base_width, steps, warmup,
     return result, shares
 
 
+def bench_classifier(mode, depth, sk_ratio, batch, precision, base_width, size, steps,
+                     warmup):
+    """images/s of a fine-tuning step (`ClassifierTrainer.train_on_batch`:
+    crop + flip, SGD with momentum, as experiments.finetune) or of inference
+    (the classifier's forward pass in inference mode, compiled)."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+    import contrastive_tf as ct
+
+    keras.mixed_precision.set_global_policy(precision)
+    keras.utils.set_random_seed(0)
+    big = depth >= 50
+    encoder = ct.resnet(depth, input_shape=(size, size, 3), base_width=base_width,
+                        sk_ratio=sk_ratio, layout="reference" if big else "default",
+                        synchronized_bn=False)
+    head = ct.ProjectionHead(3, 128, ft_layer=1) if big else None
+    classifier = ct.build_classifier(encoder, 1000 if big else 10, head)
+    rng = np.random.RandomState(0)
+    images = tf.constant(rng.randint(0, 256, (batch, size, size, 3)).astype(np.uint8))
+    labels = tf.constant(rng.randint(0, 10, batch))
+    if mode == "finetune":
+        trainer = ct.classifier.ClassifierTrainer(classifier, ct.finetune_augmenter(size))
+        optimizer = ct.optim.make_optimizer("sgd", 0.05, 1e-4)
+        trainer.compile(optimizer=ct.precision.loss_scaled(optimizer, precision))
+        step = lambda: trainer.train_on_batch(images, labels)  # noqa: E731
+    else:
+        floats = tf.cast(images, tf.float32) / 255.0
+        forward = tf.function(lambda x: classifier(x, training=False))
+        step = lambda: forward(floats).numpy()  # noqa: E731
+    start = time.perf_counter()
+    step()
+    first_step_s = time.perf_counter() - start
+    peak_before = matmul_peak(precision)
+    step_s = _median_time(step, steps, warmup)
+    peak_after = matmul_peak(precision)
+    keras.mixed_precision.set_global_policy("float32")
+    head_flops = 2.0 * sum(int(np.prod(w.shape)) for w in (head.weights if head else [])
+                           if len(w.shape) == 2)
+    per_image = forward_flops(classifier) + head_flops
+    flops_step = (3 if mode == "finetune" else 1) * batch * per_image
+    peak = max(peak_before, peak_after)
+    return {
+        "images_per_s": round(batch / step_s, 2),
+        "step_s": round(step_s, 4),
+        "batch": batch,
+        "first_step_s": round(first_step_s, 2),
+        "gflops": round(flops_step / step_s / 1e9, 1),
+        "matmul_peak_gflops": round(peak, 1),
+        "matmul_peak_low_gflops": round(min(peak_before, peak_after), 1),
+        "mfu": round(flops_step / step_s / 1e9 / peak, 3),
+        "forward_gflop_per_image": round(per_image / 1e9, 3),
+        "parameters_m": round(classifier.count_params() / 1e6, 2),
+    }
+
+
 def bench_conv_stages(precision, steps, warmup, views=256, shapes=STAGE_SHAPES):
     """GFLOP/s of a 3x3 convolution forward and forward+backward at each
     stage shape, and the time of BN + ReLU forward+backward beside it."""
@@ -293,20 +361,23 @@ def plan_measurements(tf):
     this machine and the flags: no bf16 where it is emulated (unless named
     with --only), GPU configurations where TensorFlow sees a GPU."""
     from contrastive_tf.runtime import precision
-    steps_table = dict(STEPS)
+    steps_table = dict(STEPS, **CLASSIFIER_STEPS)
     if tf.config.list_physical_devices("GPU"):
         steps_table.update(GPU_STEPS)
     if precision.choose("auto").policy != "mixed_bfloat16" and not FLAGS.only:
         # bf16 is emulated here (several times slower than fp32): measuring
         # it would take most of the run and say nothing about a useful setting.
-        steps_table = {k: v for k, v in steps_table.items() if v[3] != "mixed_bfloat16"}
+        steps_table = {k: v for k, v in steps_table.items() if "mixed_bfloat16" not in v}
         print("bench note: this machine has no native bfloat16; bf16 configurations "
               "are skipped (name them with --only to run them anyway)", flush=True)
     if FLAGS.smoke:
-        return ({"smoke_r18_b8_16px_fp32": (18, 16, 8, "float32", 4)},
+        smoke_classifiers = {
+            f"smoke_{mode}_r50_sk1_b4_32px_fp32": (mode, 50, 0.0625, 4, "float32", 4, 32)
+            for mode in ("finetune", "infer")}
+        return ({"smoke_r18_b8_16px_fp32": (18, 16, 8, "float32", 4), **smoke_classifiers},
                 {"smoke_conv_stages_fp32": "float32"}, (64,))
     conv_stages = {k: v for k, v in CONV_STAGES.items()
-                   if v != "mixed_bfloat16" or any(c[3] == v for c in steps_table.values())}
+                   if v != "mixed_bfloat16" or any(v in c for c in steps_table.values())}
     return steps_table, conv_stages, NTXENT_BATCHES
 
 
@@ -318,6 +389,8 @@ def measure(name: str, steps_table: dict, conv_stages: dict) -> list:
         return [(name, bench_conv_stages(conv_stages[name], FLAGS.steps, FLAGS.warmup,
                                          **({"views": 8, "shapes": ((8, 8),)}
                                             if FLAGS.smoke else {})))]
+    if steps_table[name][0] in ("finetune", "infer"):  # a classifier measurement
+        return [(name, bench_classifier(*steps_table[name], FLAGS.steps, FLAGS.warmup))]
     result, shares = bench_step(name, *steps_table[name], FLAGS.steps, FLAGS.warmup,
                                 profile=FLAGS.profile)
     return [(name, result)] + ([(f"{name}_profile", shares)] if shares else [])

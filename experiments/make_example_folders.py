@@ -20,6 +20,14 @@ flags.DEFINE_integer("labels_per_class", 10, "Labelled images per class.")
 flags.DEFINE_integer("unlabelled", 5000, "Unlabelled images (from the rest of the train split).")
 flags.DEFINE_integer("test_per_class", 100, "Test images per class.")
 flags.DEFINE_integer("seed", 0, "Which images go where.")
+flags.DEFINE_enum("source", "embedded", ["embedded", "fashion_mnist"],
+                  "embedded: the subset shipped in the package (what the recipes were tuned "
+                  "on); fashion_mnist: the full Fashion-MNIST less that subset, images no "
+                  "recipe was tuned on (needs `apt-get install dataset-fashion-mnist`).")
+flags.DEFINE_string("data_dir", None, "The Fashion-MNIST folder, for --source=fashion_mnist.")
+# How build_embedded_data chose the embedded subset (its defaults).
+EMBEDDED_PER_CLASS = {"train": 1000, "test": 200}
+EMBEDDED_SEED = 0
 
 
 def main(argv):
@@ -34,7 +42,10 @@ def main(argv):
     from contrastive_tf import data
 
     rng = np.random.RandomState(FLAGS.seed)
-    train, test = data.load_embedded("train"), data.load_embedded("test")
+    if FLAGS.source == "embedded":
+        train, test = data.load_embedded("train"), data.load_embedded("test")
+    else:
+        train, test = (_outside_the_embedded_subset(data, split) for split in ("train", "test"))
     names = [name.replace("/", "-").replace(" ", "_") for name in train.class_names]
     labelled = data.class_balanced_indices(train.labels, per_class=FLAGS.labels_per_class,
                                            seed=FLAGS.seed)
@@ -57,6 +68,17 @@ def main(argv):
               f"img{n:05d}", n)
     print(f"wrote {min(FLAGS.unlabelled, len(rest))} unlabelled, {len(labelled)} labelled "
           f"and {len(tested)} test images to {FLAGS.output}")
+
+
+def _outside_the_embedded_subset(data, split):
+    """The full Fashion-MNIST `split` without the images of the embedded subset."""
+    import numpy as np
+    full = data.load_fashion_mnist(split, FLAGS.data_dir)
+    embedded = data.class_balanced_indices(full.labels, per_class=EMBEDDED_PER_CLASS[split],
+                                           seed=EMBEDDED_SEED)
+    kept = np.setdiff1d(np.arange(full.num_examples), embedded)
+    return data.from_arrays(full.images[kept], full.labels[kept], full.class_names,
+                            spec="fashion_mnist less the embedded subset", split=split)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,16 @@ def test_benchmark_smoke(tmp_path):
     assert 0 < float(conv["8px_c8_bnrelu_share"]) < 1
     ntxent = next(l for l in lines if l.startswith("bench ntxent_b64"))
     assert "peak_rss_mb=" in ntxent and "step_s=" in ntxent
+    # Fine-tuning and inference of a classifier: a fine-tuning step counts
+    # three forward passes' FLOPs per image, inference one.
+    rows = {mode: dict(kv.split("=") for kv in next(
+        l for l in lines if l.startswith(f"bench smoke_{mode}_r50_sk1_b4_32px_fp32 ")).split()[2:])
+        for mode in ("finetune", "infer")}
+    for mode, row in rows.items():
+        assert float(row["images_per_s"]) > 0 and 0 < float(row["mfu"]) < 1.5, row
+        per_step = (3 if mode == "finetune" else 1) * 4 * float(row["forward_gflop_per_image"])
+        assert float(row["gflops"]) == pytest.approx(per_step / float(row["step_s"]), rel=0.05)
+    assert rows["finetune"]["forward_gflop_per_image"] == rows["infer"]["forward_gflop_per_image"]
     text = out.read_text()
     assert "--smoke" in text and "machine:" in text and "smoke_r18_b8_16px_fp32" in text
     # The machine line names the CPU flags that decide the precision, and the choice.
@@ -52,6 +62,16 @@ def test_resnet18_cifar_forward_flops_match_the_published_count():
     import contrastive_tf as ct
     flops = forward_flops(ct.resnet(18, input_shape=(32, 32, 3)))
     assert abs(flops / 1e9 - 1.11) < 0.03
+
+
+def test_resnet50_forward_flops_match_the_published_count():
+    # ResNet-50 at 224 px: about 4.1 G multiply-adds (8.2 GFLOP) per image, in
+    # both layouts (they differ in padding, not in the convolutions' work).
+    from experiments.benchmark import forward_flops
+    import contrastive_tf as ct
+    for layout in ("default", "reference"):
+        flops = forward_flops(ct.resnet(50, layout=layout, synchronized_bn=False))
+        assert abs(flops / 1e9 - 8.2) < 0.15, (layout, flops)
 
 
 def test_mfu_divides_by_the_higher_of_the_two_peak_measurements(monkeypatch):

@@ -434,3 +434,27 @@ def test_photo_folder_generator_writes_mixed_photos_reproducibly(tmp_path):
     assert all(64 <= max(s) <= 96 for s in sizes) and len(set(sizes)) > 1
     source = data.load(f"folder:{tmp_path / 'a'}", "all", image_size=16)
     assert source.num_examples == 4 and source.images.shape == (4, 16, 16, 3)
+
+
+@NEEDS_DEBIAN_SET
+def test_example_folders_from_the_full_set_leave_out_the_embedded_images(tmp_path):
+    # --source=fashion_mnist: images no recipe was tuned on. Its PNG files
+    # (lossless; every other file is a JPEG) hold none of the embedded images.
+    out = tmp_path / "fresh"
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.make_example_folders", f"--output={out}",
+         "--source=fashion_mnist", "--unlabelled=400", "--labels_per_class=4",
+         "--test_per_class=20"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    embedded = {image.tobytes() for split in ("train", "test")
+                for image in data.load_embedded(split).images[..., 0]}
+    pngs = list(out.rglob("*.png"))
+    assert len(pngs) >= 200
+    written = [np.asarray(Image.open(path)).tobytes() for path in pngs]
+    assert not embedded & set(written)
+    # the full set has them (the check can find one): the embedded subset is in it
+    full = data.load_fashion_mnist("train")
+    assert embedded & {image.tobytes() for image in full.images[:2000, ..., 0]}
+    assert len(list((out / "labelled").rglob("*.*"))) == 40
+    assert len(list((out / "test").rglob("*.*"))) == 200

@@ -222,3 +222,43 @@ def plot_label_efficiency(results: dict, path: str, title: str,
     ax.legend(loc="lower right")
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_scaling(report: dict, path: str, family: str) -> str:
+    """Two panels against encoder parameters (log axis): test accuracy of
+    fine-tuning and of the supervised baseline, and the gain of one over the
+    other, per labelled fraction, with the spread over label draws.
+    `report`: experiments.scaling's {base width: {"parameters", "fractions":
+    {fraction: {"simclr_finetune", "supervised_baseline", "gain"}}}}."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2), dpi=120)
+    widths = list(report)
+    params = [report[w]["parameters"] / 1e6 for w in widths]
+    fractions = sorted({f for row in report.values() for f in row["fractions"]}, key=float)
+    names = {"simclr_finetune": ("SimCLR fine-tuned", "s-"),
+             "supervised_baseline": ("supervised", "o--")}
+    for fraction, colour in zip(fractions, ("tab:blue", "tab:orange", "tab:green")):
+        labels = f"{100 * float(fraction):g}% labels"
+        gains = [report[w]["fractions"][fraction]["gain"] for w in widths]
+        right.errorbar(params, [g["mean"] for g in gains], yerr=[g["std"] for g in gains],
+                       fmt="o-", color=colour, capsize=3, label=labels)
+        for method, (name, style) in names.items():
+            points = [report[w]["fractions"][fraction][method] for w in widths]
+            left.errorbar(params, [100 * p["mean"] for p in points],
+                          yerr=[100 * p["std"] for p in points], fmt=style, color=colour,
+                          capsize=3, label=f"{name}, {labels}")
+    for ax in (left, right):
+        ax.set_xscale("log")
+        ax.minorticks_off()
+        ax.set_xticks(params, [f"{p:.2f} M\nwidth {w}" for p, w in zip(params, widths)])
+        ax.set_xlabel(f"encoder parameters ({family})")
+        ax.grid(True, alpha=0.3)
+    left.set_ylabel("test accuracy (%)")
+    left.set_title("accuracy by encoder size")
+    left.legend(fontsize=7, loc="lower right")
+    right.axhline(0, color="gray", linewidth=0.8)
+    right.set_ylabel("fine-tuned minus supervised (points)")
+    right.set_title("gain over supervised by encoder size")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)

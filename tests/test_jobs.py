@@ -99,6 +99,10 @@ def test_readme_walkthrough_runs_on_generated_folders(tmp_path):
     assert summary["test_accuracy"] == pytest.approx(_folder_accuracy(
         tmp_path / "runs/own/finetune", tmp_path / "own_images/test"), abs=1e-6)
     student = json.load(open(tmp_path / "runs/own/student/summary.json"))
+    # By default the student starts from the encoder the teacher was fine-tuned from.
+    log = outputs["distill"]
+    assert re.search(r"from the pretrained encoder \S*runs/own/pretrain \(the encoder the "
+                     r"teacher was fine-tuned from\)", log), log[-2000:]
     assert student["num_images"] == 300 and student["num_test"] == 40
     rows = list(csv.DictReader(open(tmp_path / "runs/own/predictions.csv")))
     assert len(rows) == 40

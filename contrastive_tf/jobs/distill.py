@@ -30,7 +30,7 @@ log = progress.logger("distill")
 
 def distill(teacher: keras.Model, student: keras.Model, pool: data.Source, *,
             labelled: data.Source | None = None, label_weight: float = 0.0,
-            epochs: int = 6, batch_size: int = 256, learning_rate: float = 0.05,
+            epochs: int = 20, batch_size: int = 256, learning_rate: float = 0.05,
             temperature: float = 1.0, crop_min_area: float = 0.3, weight_decay: float = 1e-4,
             policy: str = "float32", seed: int = 0, callbacks: list | None = None,
             verbose: int = 2, cache_dir: str | None = None,

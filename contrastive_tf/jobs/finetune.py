@@ -92,9 +92,11 @@ def train_classifier(classifier: keras.Model, train: data.Source,
         else:
             stream = data.training_stream(train, batch_size, seed=seed, with_labels=True)
         keeper = KeepBestEpoch(patience)
-        history = trainer.fit(stream, steps_per_epoch=steps, epochs=epochs,
-                              validation_data=val_data, callbacks=[keeper, *(callbacks or [])],
-                              shuffle=False, verbose=verbose)
+        with progress.evaluation_passes_end():  # the training stream is endless
+            history = trainer.fit(stream, steps_per_epoch=steps, epochs=epochs,
+                                  validation_data=val_data,
+                                  callbacks=[keeper, *(callbacks or [])],
+                                  shuffle=False, verbose=verbose)
         test_accuracy = None if test is None else evaluate_classifier(classifier, test)
     return FinetuneResult(test_accuracy=test_accuracy, val_accuracy=keeper.best,
                           epochs_run=len(history.history["val_accuracy"]),
@@ -106,8 +108,9 @@ def evaluate_classifier(classifier: keras.Model, source: data.Source) -> float:
     preprocessing: centre crop above 32 px, resize)."""
     evaluator = ClassifierTrainer(classifier, finetune_augmenter(int(classifier.input.shape[1])))
     evaluator.compile()
-    return float(evaluator.evaluate(data.pipeline(source, 512, training=False), verbose=0,
-                                    return_dict=True)["accuracy"])
+    with progress.evaluation_passes_end():
+        return float(evaluator.evaluate(data.pipeline(source, 512, training=False), verbose=0,
+                                        return_dict=True)["accuracy"])
 
 
 # -- the fine-tuning job: a pretrained encoder and a labelled set you have ------

@@ -12,8 +12,10 @@ as `name`; the jobs print it as their flag, --name.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+import warnings
 
 ROOT = "contrastive_tf"
 
@@ -65,3 +67,17 @@ def show(level: int = logging.INFO, rewrite=None) -> None:
         root.addHandler(handler)
     root.setLevel(level)
     root.propagate = False  # not again through absl's root handler
+
+
+@contextlib.contextmanager
+def evaluation_passes_end():
+    """Keras 3 warns "Your input ran out of data; interrupting training"
+    whenever a dataset of unknown length ends, evaluation included. A pass
+    over a folder's files (unreadable ones filtered out, so its length is
+    unknown) ends by design; inside this context that one warning is not
+    shown. Wrap only evaluation, and fits whose training stream is endless
+    (the message can then only come from their validation pass)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Your input ran out of data",
+                                category=UserWarning)
+        yield

@@ -57,13 +57,14 @@ CONV_STAGES = {"conv_stages_fp32": "float32", "conv_stages_bf16": "mixed_bfloat1
 STAGE_SHAPES = ((32, 64), (16, 128), (8, 256), (4, 512))  # (spatial size, channels)
 # Fine-tuning steps and inference of classifiers at 224 px: the models a user
 # imports (ResNet-50 1x, SK off / on, as `import_simclr` builds them, read
-# from the first projection layer, 1000 classes) and the demo-size model (on
-# h, 10 classes). name -> (mode, depth, sk_ratio, batch, precision, base width, size)
+# from the first projection layer, 1000 classes), the smaller student
+# `--student_depth=18` makes of it (on h, 10 classes) and the demo-size model
+# (on h, 10 classes). name -> (mode, depth, sk_ratio, batch, precision, base width, size)
 CLASSIFIER_STEPS = {
     f"{mode}_{model}_b{batch}_224px_{precision}": (mode, depth, sk, batch, policy, width, 224)
     for mode, batches in (("finetune", (32, 64)), ("infer", (64, 256)))
     for model, depth, sk, width in (("r50_sk0", 50, 0.0, 64), ("r50_sk1", 50, 0.0625, 64),
-                                    ("demo_r18w16", 18, 0.0, 16))
+                                    ("r18", 18, 0.0, 64), ("demo_r18w16", 18, 0.0, 16))
     for precision, policy in (("fp32", "float32"), ("bf16", "mixed_bfloat16"))
     for batch in (batches[depth == 18],)
 }
@@ -240,8 +241,9 @@ def bench_classifier(mode, depth, sk_ratio, batch, precision, base_width, size, 
     step_s = _median_time(step, steps, warmup)
     peak_after = matmul_peak(precision)
     keras.mixed_precision.set_global_policy("float32")
-    head_flops = 2.0 * sum(int(np.prod(w.shape)) for w in (head.weights if head else [])
-                           if len(w.shape) == 2)
+    # the head's layers up to ft_layer (the classifier reads the first)
+    head_flops = 2.0 * sum(int(np.prod(getattr(head, f"dense_{i}").kernel.shape))
+                           for i in range(head.ft_layer)) if head else 0.0
     per_image = forward_flops(classifier) + head_flops
     flops_step = (3 if mode == "finetune" else 1) * batch * per_image
     peak = max(peak_before, peak_after)

@@ -86,6 +86,20 @@ def _median_time(fn, steps, warmup):
     return statistics.median(times)
 
 
+def _time_step(step, precision, steps, warmup):
+    """(first step s, median step s, matmul figure before, after). The first
+    step holds graph tracing and compilation, which dominate short runs on
+    slow machines. The matmul figure drifts on a shared VM: it is measured
+    before and after the steps, and mfu divides by the higher one, so a slow
+    moment cannot flatter it."""
+    start = time.perf_counter()
+    step()
+    first_step_s = time.perf_counter() - start
+    peak_before = matmul_peak(precision)
+    step_s = _median_time(step, steps, warmup)
+    return first_step_s, step_s, peak_before, matmul_peak(precision)
+
+
 def matmul_peak(precision: str, size: int = 2048) -> float:
     """GFLOP/s of a size x size matmul in a tf.function."""
     import tensorflow as tf
@@ -169,16 +183,7 @@ def bench_step(name, depth, size, batch, precision, base_width, steps, warmup,
     images = np.random.RandomState(0).randint(0, 256, (batch, size, size, 3)).astype(np.uint8)
     images = tf.constant(images)
     step = lambda: model.train_on_batch(images)  # noqa: E731
-    # Time to the first step: graph tracing and compilation, which dominate
-    # short runs on slow machines.
-    start = time.perf_counter()
-    step()
-    first_step_s = time.perf_counter() - start
-    # The matmul figure drifts on a shared VM: measure it before and after the
-    # steps and divide by the higher one, so a slow moment cannot flatter mfu.
-    peak_before = matmul_peak(precision)
-    step_s = _median_time(step, steps, warmup)
-    peak_after = matmul_peak(precision)
+    first_step_s, step_s, peak_before, peak_after = _time_step(step, precision, steps, warmup)
     augment = tf.function(lambda x: (augmenter(x), augmenter(x)))
     augment_s = _median_time(lambda: [v.numpy() for v in augment(images)], steps, warmup)
     head_flops = 2.0 * sum(int(np.prod(w.shape)) for w in head.weights if len(w.shape) == 2)
@@ -234,12 +239,7 @@ def bench_classifier(mode, depth, sk_ratio, batch, precision, base_width, size, 
         floats = tf.cast(images, tf.float32) / 255.0
         forward = tf.function(lambda x: classifier(x, training=False))
         step = lambda: forward(floats).numpy()  # noqa: E731
-    start = time.perf_counter()
-    step()
-    first_step_s = time.perf_counter() - start
-    peak_before = matmul_peak(precision)
-    step_s = _median_time(step, steps, warmup)
-    peak_after = matmul_peak(precision)
+    first_step_s, step_s, peak_before, peak_after = _time_step(step, precision, steps, warmup)
     keras.mixed_precision.set_global_policy("float32")
     # the head's layers up to ft_layer (the classifier reads the first)
     head_flops = 2.0 * sum(int(np.prod(getattr(head, f"dense_{i}").kernel.shape))

@@ -1,5 +1,5 @@
 """Do bigger models gain more from SimCLR at few labels? The demo recipe at
-several encoder sizes, each fine-tuned at 1% and 10% of the labels against
+several encoder sizes, each fine-tuned at 1 and 10 percent of the labels against
 the supervised baseline of the same size, over several label draws.
 
     python -m experiments.scaling --output_dir=runs/scaling --base_widths=8,16,32
@@ -27,15 +27,21 @@ from contrastive_tf.method.backbones import resnet
 from contrastive_tf.runtime import files
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("output_dir", None, "Where each size's pipeline run and the report go.")
-flags.DEFINE_list("base_widths", ["8", "16", "32"], "ResNet base widths to compare.")
-flags.DEFINE_integer("depth", 18, "ResNet depth of every size.")
-flags.DEFINE_integer("label_seeds", 3, "Class-balanced label draws per fraction.")
-flags.DEFINE_string("flagfile_recipe", "experiments/configs/demo_pipeline.flags",
-                    "The pipeline recipe every size runs.")
-flags.DEFINE_list("extra", ["--distill_fractions=0.01"],
-                  "Further pipeline flags for every size (default: distil the 1% teachers "
-                  "only; the students are not what this sweep compares).")
+
+
+def define_flags():
+    """The sweep's flags; defined when it runs, not on import (its names,
+    --depth and --output_dir among them, are other jobs' flags too)."""
+    flags.DEFINE_string("output_dir", None, "Where each size's pipeline run and the report go.")
+    flags.DEFINE_list("base_widths", ["8", "16", "32"], "ResNet base widths to compare.")
+    flags.DEFINE_integer("depth", 18, "ResNet depth of every size.")
+    flags.DEFINE_integer("label_seeds", 3, "Class-balanced label draws per fraction.")
+    flags.DEFINE_string("flagfile_recipe", "experiments/configs/demo_pipeline.flags",
+                        "The pipeline recipe every size runs.")
+    flags.DEFINE_list("extra", ["--distill_fractions=0.01"],
+                      "Further pipeline flags for every size (default: distil the 1 percent teachers "
+                      "only; the students are not what this sweep compares).")
+
 
 METHODS = ("simclr_finetune", "supervised_baseline", "linear_probe", "distilled_student")
 
@@ -142,4 +148,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -20,9 +20,10 @@ from contrastive_tf import data
 FLAGS = flags.FLAGS
 flags.DEFINE_string("source_dir", data.DEBIAN_FASHION_MNIST_DIR,
                     "Folder with the four Fashion-MNIST IDX .gz files.")
-flags.DEFINE_integer("train_per_class", 1000, "Training images per class.")
-flags.DEFINE_integer("test_per_class", 200, "Test images per class.")
-flags.DEFINE_integer("seed", 0, "Seed of the subset choice.")
+flags.DEFINE_integer("train_per_class", data.EMBEDDED_PER_CLASS["train"],
+                     "Training images per class.")
+flags.DEFINE_integer("test_per_class", data.EMBEDDED_PER_CLASS["test"], "Test images per class.")
+flags.DEFINE_integer("seed", data.EMBEDDED_SEED, "Seed of the subset choice.")
 flags.DEFINE_string("output", data.EMBEDDED_PATH, "Output .npz file.")
 
 _COPYRIGHT = "/usr/share/doc/dataset-fashion-mnist/copyright"

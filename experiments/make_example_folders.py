@@ -25,9 +25,6 @@ flags.DEFINE_enum("source", "embedded", ["embedded", "fashion_mnist"],
                   "on); fashion_mnist: the full Fashion-MNIST less that subset, images no "
                   "recipe was tuned on (needs `apt-get install dataset-fashion-mnist`).")
 flags.DEFINE_string("data_dir", None, "The Fashion-MNIST folder, for --source=fashion_mnist.")
-# How build_embedded_data chose the embedded subset (its defaults).
-EMBEDDED_PER_CLASS = {"train": 1000, "test": 200}
-EMBEDDED_SEED = 0
 
 
 def main(argv):
@@ -74,8 +71,8 @@ def _outside_the_embedded_subset(data, split):
     """The full Fashion-MNIST `split` without the images of the embedded subset."""
     import numpy as np
     full = data.load_fashion_mnist(split, FLAGS.data_dir)
-    embedded = data.class_balanced_indices(full.labels, per_class=EMBEDDED_PER_CLASS[split],
-                                           seed=EMBEDDED_SEED)
+    embedded = data.class_balanced_indices(
+        full.labels, per_class=data.EMBEDDED_PER_CLASS[split], seed=data.EMBEDDED_SEED)
     kept = np.setdiff1d(np.arange(full.num_examples), embedded)
     return data.from_arrays(full.images[kept], full.labels[kept], full.class_names,
                             spec="fashion_mnist less the embedded subset", split=split)

@@ -25,6 +25,7 @@ package's API: `contrastive_tf.data.load(...)` and so on.
 """
 
 from contrastive_tf.data.builtin import (DEBIAN_FASHION_MNIST_DIR, EMBEDDED_PATH,
+                                         EMBEDDED_PER_CLASS, EMBEDDED_SEED,
                                          FASHION_MNIST_CLASSES, load_embedded,
                                          load_fashion_mnist, load_tfds, read_fashion_mnist_dir,
                                          read_idx)
@@ -40,7 +41,8 @@ from contrastive_tf.data.decode import SKIPPED
 from contrastive_tf.data.stream import eval_stream, view_stream
 
 __all__ = [
-    "DEBIAN_FASHION_MNIST_DIR", "EMBEDDED_PATH", "FASHION_MNIST_CLASSES", "IMAGE_EXTENSIONS",
+    "DEBIAN_FASHION_MNIST_DIR", "EMBEDDED_PATH", "EMBEDDED_PER_CLASS", "EMBEDDED_SEED",
+    "FASHION_MNIST_CLASSES", "IMAGE_EXTENSIONS",
     "SKIPPED", "SPLIT_FOLDERS", "DataError", "eval_stream", "view_stream", "Source",
     "class_balanced_indices", "conform", "conversion_note",
     "from_arrays", "head", "infer_channels", "list_folder", "load", "load_embedded",

@@ -17,6 +17,10 @@ from contrastive_tf.data.source import DataError, Source, from_arrays
 _HERE = os.path.dirname(os.path.abspath(__file__))
 EMBEDDED_PATH = os.path.join(_HERE, "embedded", "fashion_mnist_embedded.npz")
 DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+# How the embedded subset was chosen from the full set (experiments/build_embedded_data.py):
+# class_balanced_indices(labels, per_class=EMBEDDED_PER_CLASS[split], seed=EMBEDDED_SEED).
+EMBEDDED_PER_CLASS = {"train": 1000, "test": 200}
+EMBEDDED_SEED = 0
 FASHION_MNIST_CLASSES = ("t-shirt/top", "trouser", "pullover", "dress", "coat",
                          "sandal", "shirt", "sneaker", "bag", "ankle boot")
 _IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),

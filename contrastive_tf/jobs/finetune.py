@@ -167,9 +167,9 @@ def run_finetune(config: FinetuneConfig, verbose: int = 1) -> dict:
     frozen = freeze_stages(encoder, config.fine_tune_after_block)
     start = f"its head layer {head.ft_layer}" if head is not None else "h"
     if frozen:
-        start += (f", the stem and stages 1-{config.fine_tune_after_block} frozen "
-                  f"({len(frozen)} layers)" if config.fine_tune_after_block else
-                  f", the stem frozen ({len(frozen)} layers)")
+        after = config.fine_tune_after_block
+        stages = f" and stages 1-{after}" if after else ""
+        start += f", the stem{stages} frozen ({len(frozen)} layers)"
     log.info(f"fine-tuning {config.encoder} from {start} for {config.epochs} epochs in {policy}"
              f" ({strategy.num_replicas_in_sync} replica(s))")
     result = train_classifier(
